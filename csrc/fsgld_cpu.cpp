@@ -1,0 +1,269 @@
+// fsgld_cpu.cpp: the CPU kernels of the fsgld:: ops.
+//
+// One call handles a whole (device, dtype) list of tensors. The list is flattened into one
+// element range, split across threads with at::parallel_for, and each thread walks contiguous
+// chunks of kChunk elements: it first fills the chunk's noise (four normals per Philox call) into
+// small L1-resident buffers, then runs one vectorizable pass over the chunk's tensors.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+#include <vector>
+
+#include "fsgld_math.h"
+#include "fsgld_ops.h"
+
+namespace fsgld {
+namespace {
+
+// 1024 elements: three noise buffers of 4 KB each stay in L1 next to the tensors' lines.
+constexpr int64_t kChunk = 1024;
+// Elements per parallel task: amortises scheduling, still balances a few large tensors.
+constexpr int64_t kGrain = 1 << 15;
+
+// Filling noise dominates the step's cost. Two compiled paths, picked at run time so that one
+// wheel is fast on every x86-64 machine without -march=native:
+//  - AVX-512: 16 Philox counters per call in 32-bit lanes (Lanes<__m512i> below), Box-Muller
+//    auto-vectorized. 5.9e8 normals/s per core on the CI's Zen 4, against 4.1e8 for the
+//    auto-vectorized scalar code, whose 64-bit products GCC widens lane by lane.
+//  - otherwise the scalar code, cloned for AVX2 and baseline by GCC function multi-versioning.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FSGLD_X86 1
+#define FSGLD_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define FSGLD_X86 0
+#define FSGLD_CLONES
+#endif
+
+FSGLD_CLONES void fill_normals_scalar(Stream st, uint64_t first_block, int64_t nblocks, float* __restrict out) {
+  for (int64_t b = 0; b < nblocks; ++b) {
+    float n[4];
+    normal4(st, first_block + (uint64_t)b, n);
+    out[4 * b + 0] = n[0];
+    out[4 * b + 1] = n[1];
+    out[4 * b + 2] = n[2];
+    out[4 * b + 3] = n[3];
+  }
+}
+
+}  // namespace
+
+#if FSGLD_X86
+// Not always_inline: the generic philox template may not absorb AVX-512 code; once it is inlined
+// into fill_normals_avx512 these calls inline there too (checked in the disassembly).
+#define FSGLD_AVX512 __attribute__((target("avx512f"))) inline
+template <>
+struct Lanes<__m512i> {
+  static FSGLD_AVX512 __m512i splat(uint32_t x) { return _mm512_set1_epi32((int)x); }
+  // 32x32->64 products of the even lanes, then of the odd lanes shifted down, re-interleaved.
+  static FSGLD_AVX512 void mulhilo(__m512i a, uint32_t m, __m512i* hi, __m512i* lo) {
+    const __m512i mv = _mm512_set1_epi32((int)m);
+    const __m512i even = _mm512_mul_epu32(a, mv);
+    const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), mv);
+    *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+    *lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  }
+};
+#endif
+
+namespace {
+
+#if FSGLD_X86
+// Fills 16 * ceil(nblocks / 16) blocks: callers leave room for the tail.
+__attribute__((target("avx512f"))) void fill_normals_avx512(Stream st, uint64_t first_block, int64_t nblocks,
+                                                               float* __restrict out) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t b = 0; b < nblocks; b += 16) {
+    const uint64_t blk = first_block + (uint64_t)b;
+    const __m512i base_lo = _mm512_set1_epi32((int)(uint32_t)blk), base_hi = _mm512_set1_epi32((int)(blk >> 32));
+    __m512i c0 = _mm512_add_epi32(base_lo, lane);
+    const __mmask16 carry = _mm512_cmplt_epu32_mask(c0, base_lo);  // low word wrapped: bump the high word
+    __m512i c1 = _mm512_mask_add_epi32(base_hi, carry, base_hi, _mm512_set1_epi32(1));
+    __m512i c2 = _mm512_set1_epi32((int)st.step), c3 = _mm512_set1_epi32((int)st.tag);
+    philox4x32_10(c0, c1, c2, c3, st.k0, st.k1);
+    alignas(64) float u[4][16], n[4][16];
+    const __m512i w[4] = {c0, c1, c2, c3};
+    for (int k = 0; k < 4; ++k) {  // uniform01, 16 lanes at a time
+      const __m512i odd = _mm512_or_si512(_mm512_slli_epi32(_mm512_srli_epi32(w[k], 9), 1), _mm512_set1_epi32(1));
+      _mm512_store_ps(u[k], _mm512_mul_ps(_mm512_cvtepi32_ps(odd), _mm512_set1_ps(5.9604644775390625e-8f)));
+    }
+    for (int j = 0; j < 16; ++j) {
+      box_muller(u[0][j], u[1][j], &n[0][j], &n[1][j]);
+      box_muller(u[2][j], u[3][j], &n[2][j], &n[3][j]);
+    }
+    for (int j = 0; j < 16; ++j) {
+      for (int k = 0; k < 4; ++k) out[4 * (b + j) + k] = n[k][j];
+    }
+  }
+}
+const bool kHasAvx512 = __builtin_cpu_supports("avx512f");
+#endif
+
+void fill_normals(const Stream& st, uint64_t first_block, int64_t nblocks, float* __restrict out) {
+#if FSGLD_X86
+  if (kHasAvx512) return fill_normals_avx512(st, first_block, nblocks, out);
+#endif
+  fill_normals_scalar(st, first_block, nblocks, out);
+}
+
+// Normals for global elements [g0, g0 + len) of a stream; returns where element g0 lands in buf.
+struct NoiseBuf {
+  alignas(64) float data[kChunk + 4 * 16 + 4];  // room for the AVX-512 path's 16-block tail
+  const float* fill(const Stream& st, int64_t g0, int64_t len) {
+    const int64_t first = g0 >> 2, last = (g0 + len - 1) >> 2;
+    fill_normals(st, (uint64_t)first, last - first + 1, data);
+    return data + (g0 & 3);
+  }
+};
+
+template <typename S>
+using math_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
+// Calls fn(tensor index, first element, length) over every chunk of the flattened list.
+template <typename F>
+void for_each_chunk(const std::vector<int64_t>& prefix, const F& fn) {
+  const int64_t total = prefix.back();
+  if (total == 0) return;
+  at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
+    size_t t = std::upper_bound(prefix.begin(), prefix.end(), begin) - prefix.begin() - 1;
+    while (begin < end) {
+      while (prefix[t + 1] <= begin) ++t;  // skips empty tensors
+      const int64_t stop = std::min(end, prefix[t + 1]);
+      for (int64_t s = begin; s < stop; s += kChunk) fn(t, s - prefix[t], std::min(kChunk, stop - s));
+      begin = stop;
+    }
+  });
+}
+
+std::vector<int64_t> prefix_numel(at::TensorList ts) {
+  std::vector<int64_t> prefix(ts.size() + 1, 0);
+  for (size_t i = 0; i < ts.size(); ++i) prefix[i + 1] = prefix[i] + ts[i].numel();
+  return prefix;
+}
+
+// ---- perturb_ --------------------------------------------------------------------------------
+template <typename S, bool kMaster>
+void perturb_chunk(S* __restrict p, const float* __restrict master, const float* __restrict eps, int64_t n,
+                   math_t<S> sigma) {
+  using T = math_t<S>;
+  for (int64_t i = 0; i < n; ++i) {
+    const T clean = kMaster ? T(master[i]) : T(p[i]);
+    p[i] = S(clean + sigma * T(eps[i]));
+  }
+}
+
+void perturb_cpu(at::TensorList params, at::TensorList masters, at::IntArrayRef param_ids, at::IntArrayRef offsets,
+                 int64_t seed, int64_t step, double sigma) {
+  check_lists(c10::DeviceType::CPU, params, {}, {}, masters, param_ids, offsets);
+  if (params.empty()) return;
+  const auto prefix = prefix_numel(params);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "fsgld::perturb_", [&] {
+    using S = scalar_t;
+    for_each_chunk(prefix, [&](size_t t, int64_t i0, int64_t len) {
+      NoiseBuf eps;
+      const Stream st = make_stream(seed_bits(seed), param_ids[t], step, kEps);
+      const float* e = eps.fill(st, offsets[t] + i0, len);
+      S* p = params[t].data_ptr<S>() + i0;
+      if (masters.empty()) {
+        perturb_chunk<S, false>(p, nullptr, e, len, math_t<S>(sigma));
+      } else {
+        perturb_chunk<S, true>(p, masters[t].data_ptr<float>() + i0, e, len, math_t<S>(sigma));
+      }
+    });
+  });
+}
+
+// ---- fused_step_ -----------------------------------------------------------------------------
+// B: momentum buffer storage (the param dtype, or float with masters).
+template <typename S, typename B, bool kMaster>
+void step_chunk(S* __restrict p, const S* __restrict g, B* __restrict buf, float* __restrict master,
+                const float* __restrict eps_k, const float* __restrict xi, const float* __restrict eps_n, int64_t n,
+                const StepCoeffs<math_t<S>>& c) {
+  using T = math_t<S>;
+  B unused{};
+  for (int64_t i = 0; i < n; ++i) {
+    T theta = kMaster ? T(master[i]) : T(p[i]);
+    if (!kMaster && eps_k) theta = theta - c.restore_sigma * T(eps_k[i]);
+    theta = sgld_update<T, B>(theta, T(g[i]), buf ? buf + i : &unused, xi ? T(xi[i]) : T(0), c);
+    if (kMaster) master[i] = float(theta);
+    if (eps_n) theta = theta + c.perturb_sigma * T(eps_n[i]);
+    p[i] = S(theta);
+  }
+}
+
+void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                    at::TensorList masters, at::IntArrayRef param_ids, at::IntArrayRef offsets, int64_t seed,
+                    int64_t step, double lr, double weight_decay, double momentum, double noise_std,
+                    double restore_sigma, double perturb_sigma, const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf) {
+  TORCH_CHECK(grads.size() == params.size(), "fsgld::fused_step_: ", grads.size(), " grads for ", params.size(),
+              " params");
+  TORCH_CHECK((momentum != 0.0) == !momentum_buffers.empty() || params.empty(),
+              "fsgld::fused_step_: pass one momentum buffer per param exactly when momentum != 0");
+  check_lists(c10::DeviceType::CPU, params, grads, momentum_buffers, masters, param_ids, offsets);
+  if (params.empty()) return;
+  check_scalar_tensor(grad_scale, "grad_scale", params[0].device());
+  check_scalar_tensor(found_inf, "found_inf", params[0].device());
+  if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return;  // AMP overflow: change nothing
+  const float inv_scale = grad_scale.has_value() ? 1.0f / grad_scale->item<float>() : 1.0f;
+  const auto prefix = prefix_numel(params);
+  const bool has_master = !masters.empty();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "fsgld::fused_step_", [&] {
+    using S = scalar_t;
+    using T = math_t<S>;
+    const StepCoeffs<T> c{T(lr),           T(weight_decay),  T(momentum), T(noise_std),
+                          T(restore_sigma), T(perturb_sigma), T(inv_scale), grad_scale.has_value(),
+                          momentum != 0.0};
+    const bool restore = restore_sigma != 0.0 && !has_master, noise = noise_std != 0.0,
+               ahead = perturb_sigma != 0.0;
+    for_each_chunk(prefix, [&](size_t t, int64_t i0, int64_t len) {
+      NoiseBuf b_eps_k, b_xi, b_eps_n;
+      const uint64_t sd = seed_bits(seed);
+      const int64_t g0 = offsets[t] + i0;
+      const float* eps_k = restore ? b_eps_k.fill(make_stream(sd, param_ids[t], step, kEps), g0, len) : nullptr;
+      const float* xi = noise ? b_xi.fill(make_stream(sd, param_ids[t], step, kXi), g0, len) : nullptr;
+      const float* eps_n = ahead ? b_eps_n.fill(make_stream(sd, param_ids[t], step + 1, kEps), g0, len) : nullptr;
+      S* p = params[t].data_ptr<S>() + i0;
+      const S* g = grads[t].data_ptr<S>() + i0;
+      if (has_master) {
+        float* buf = c.has_momentum ? momentum_buffers[t].data_ptr<float>() + i0 : nullptr;
+        step_chunk<S, float, true>(p, g, buf, masters[t].data_ptr<float>() + i0, eps_k, xi, eps_n, len, c);
+      } else {
+        S* buf = c.has_momentum ? momentum_buffers[t].data_ptr<S>() + i0 : nullptr;
+        step_chunk<S, S, false>(p, g, buf, nullptr, eps_k, xi, eps_n, len, c);
+      }
+    });
+  });
+}
+
+// ---- normals_ --------------------------------------------------------------------------------
+void normals_cpu(at::Tensor out, int64_t seed, int64_t param_id, int64_t step, int64_t kind, int64_t offset) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.device().is_cpu(),
+              "fsgld::normals_: out must be a contiguous float32 CPU tensor");
+  TORCH_CHECK(kind == kEps || kind == kXi, "fsgld::normals_: kind must be 0 (eps) or 1 (xi)");
+  TORCH_CHECK(offset >= 0 && param_id >= 0 && param_id < (int64_t(1) << 31), "fsgld::normals_: bad offset or id");
+  const Stream st = make_stream(seed_bits(seed), param_id, step, (uint32_t)kind);
+  float* o = out.data_ptr<float>();
+  for_each_chunk({0, out.numel()}, [&](size_t, int64_t i0, int64_t len) {
+    NoiseBuf nb;
+    const float* e = nb.fill(st, offset + i0, len);
+    std::copy(e, e + len, o + i0);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fsgld, CPU, m) {
+  m.impl("perturb_", &perturb_cpu);
+  m.impl("fused_step_", &fused_step_cpu);
+  m.impl("normals_", &normals_cpu);
+}
+
+}  // namespace fsgld

@@ -1,0 +1,60 @@
+// fsgld_ops.h: the host-side argument checks shared by the CPU and CUDA kernels of the fsgld::
+// ops (the schemas are in fsgld_ops.cpp). Python-side checks live in fsgld_fused/optimizer.py;
+// these guard direct torch.ops.fsgld calls and give the same kind of message.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+namespace fsgld {
+
+// Validates one multi-tensor call; `device_type` is the dispatch key's device.
+inline void check_lists(c10::DeviceType device_type, at::TensorList params, at::TensorList grads,
+                        at::TensorList momentum_buffers, at::TensorList masters, at::IntArrayRef param_ids,
+                        at::IntArrayRef offsets) {
+  const size_t n = params.size();
+  TORCH_CHECK(param_ids.size() == n, "fsgld: ", param_ids.size(), " param_ids for ", n, " params");
+  TORCH_CHECK(offsets.size() == n, "fsgld: ", offsets.size(), " offsets for ", n, " params");
+  TORCH_CHECK(grads.empty() || grads.size() == n, "fsgld: ", grads.size(), " grads for ", n, " params");
+  TORCH_CHECK(momentum_buffers.empty() || momentum_buffers.size() == n, "fsgld: ", momentum_buffers.size(),
+              " momentum buffers for ", n, " params");
+  TORCH_CHECK(masters.empty() || masters.size() == n, "fsgld: ", masters.size(), " masters for ", n, " params");
+  if (n == 0) return;
+  const auto dtype = params[0].scalar_type();
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.device().type() == device_type && p.device() == params[0].device(),
+                "fsgld: param ", i, " is on ", p.device(), ", expected every tensor on ", params[0].device());
+    TORCH_CHECK(p.scalar_type() == dtype, "fsgld: param ", i, " is ", p.scalar_type(), ", expected ", dtype,
+                " (one call per dtype)");
+    TORCH_CHECK(p.is_contiguous(), "fsgld: param ", i, " is not contiguous; the kernels index the row-major "
+                "element order (use backend='reference' for strided parameters)");
+    TORCH_CHECK(param_ids[i] >= 0 && param_ids[i] < (int64_t(1) << 31), "fsgld: param id ", param_ids[i],
+                " out of range [0, 2**31)");
+    TORCH_CHECK(offsets[i] >= 0, "fsgld: negative element offset ", offsets[i]);
+    auto same = [&](const at::Tensor& t, const char* what, c10::ScalarType want) {
+      TORCH_CHECK(t.device() == p.device() && t.sizes() == p.sizes() && t.is_contiguous() && t.scalar_type() == want,
+                  "fsgld: ", what, " ", i, " must be a contiguous ", want, " tensor of shape ", p.sizes(), " on ",
+                  p.device(), ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
+    };
+    if (!masters.empty()) {
+      same(masters[i], "master", at::kFloat);
+    }
+    if (!grads.empty()) same(grads[i], "grad", dtype);
+    if (!momentum_buffers.empty()) same(momentum_buffers[i], "momentum buffer", masters.empty() ? dtype : at::kFloat);
+  }
+}
+
+inline void check_scalar_tensor(const std::optional<at::Tensor>& t, const char* what, c10::Device device) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat && t->device() == device, "fsgld: ", what,
+              " must be a one-element float32 tensor on ", device);
+}
+
+// Python ints are int64 in schemas: the 64-bit seed travels as its two's-complement bits.
+inline uint64_t seed_bits(int64_t seed) { return static_cast<uint64_t>(seed); }
+
+}  // namespace fsgld

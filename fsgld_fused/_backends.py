@@ -1,0 +1,116 @@
+"""The one place that maps (backend name, device, dtype) to kernels.
+
+Every backend exposes the same three list operations as `fsgld_fused.reference`
+(`perturb_`, `restore_`, `fused_step_`, same signatures), so the optimizer never branches on
+which one runs. A backend that is not usable here says why, and `FSGLD` quotes that reason.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+from typing import Any, Callable, Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# Low-precision kernels do their math in float32 (float64 params keep float64 in the reference).
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+# "auto" takes the first usable entry for the device type; cuda vs triton order is a measured
+# choice (bench/) and can be overridden per group with an explicit backend name.
+AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    ops: Any  # has perturb_, restore_, fused_step_ with the reference's signatures
+    device_types: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+
+    def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
+        return device.type in self.device_types and dtype in self.dtypes
+
+
+def _load_reference() -> Backend:
+    from . import reference
+
+    return Backend("reference", reference, ("cpu", "cuda"), FLOAT_DTYPES)
+
+
+def _load_cpu() -> Backend:
+    from . import _ops
+
+    _ops.require_extension()
+    return Backend("cpu", _ops.cpu_ops, ("cpu",), FLOAT_DTYPES)
+
+
+def _load_cuda() -> Backend:
+    from . import _ops
+
+    _ops.require_extension(cuda=True)
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device is visible to torch")
+    return Backend("cuda", _ops.cuda_ops, ("cuda",), KERNEL_DTYPES)
+
+
+def _load_triton() -> Backend:
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if not interpret and not torch.cuda.is_available():
+        raise RuntimeError("Triton needs a CUDA device (or TRITON_INTERPRET=1 for the CPU interpreter)")
+    try:
+        from .kernels import triton_ops
+    except ImportError as exc:  # triton missing, or a kernels/ import error
+        raise RuntimeError(f"the Triton kernels could not be imported ({exc})") from exc
+    devices = ("cuda", "cpu") if interpret else ("cuda",)
+    return Backend("triton", triton_ops, devices, KERNEL_DTYPES)
+
+
+_LOADERS: dict[str, Callable[[], Backend]] = {
+    "reference": _load_reference,
+    "cpu": _load_cpu,
+    "cuda": _load_cuda,
+    "triton": _load_triton,
+}
+
+
+@lru_cache(maxsize=None)
+def _probe(name: str) -> tuple[Optional[Backend], Optional[str]]:
+    try:
+        return _LOADERS[name](), None
+    except Exception as exc:  # noqa: BLE001 - the reason is reported to the user verbatim
+        return None, str(exc) or type(exc).__name__
+
+
+def available_backends() -> dict[str, Optional[str]]:
+    """{name: None if usable here, else the reason it is not}."""
+    return {name: _probe(name)[1] for name in BACKENDS}
+
+
+def check_backend_name(name: str) -> None:
+    """Refuse an unknown or unusable backend at construction, naming the usable ones."""
+    if name == "auto":
+        return
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose 'auto' or one of {BACKENDS}")
+    reason = _probe(name)[1]
+    if reason is not None:
+        usable = [n for n, r in available_backends().items() if r is None]
+        raise ValueError(f"backend {name!r} is not available here: {reason}. Available: {usable}")
+
+
+def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    """The backend that runs a (device, dtype) bucket of a group whose backend is `name`."""
+    candidates = AUTO_ORDER.get(device.type, ("reference",)) if name == "auto" else (name,)
+    for cand in candidates:
+        backend, _ = _probe(cand)
+        if backend is not None and backend.supports(device, dtype):
+            return backend
+    raise ValueError(
+        f"backend {name!r} cannot run {dtype} parameters on {device.type}"
+        + ("" if name == "auto" else "; use backend='auto' or 'reference'")
+    )

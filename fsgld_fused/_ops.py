@@ -1,0 +1,71 @@
+"""The compiled extension (csrc/): loading it, fake kernels for torch.compile, and the Python
+face of its `torch.ops.fsgld` ops with the same signatures as `fsgld_fused.reference`."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+_EXT_ERROR: Optional[str] = None
+try:
+    from . import _C  # noqa: F401  (loading the library registers torch.ops.fsgld.*)
+except ImportError as exc:  # not built: the "cpu"/"cuda" backends report this reason
+    _C = None
+    _EXT_ERROR = f"the C++ extension fsgld_fused._C is not built ({exc}); run: pip install --no-build-isolation -e ."
+
+
+def require_extension(cuda: bool = False) -> None:
+    if _C is None:
+        raise RuntimeError(_EXT_ERROR)
+    if cuda and not torch._C._dispatch_has_kernel_for_dispatch_key("fsgld::fused_step_", "CUDA"):
+        raise RuntimeError("fsgld_fused._C was built without CUDA kernels (CPU-only torch or no nvcc at build time)")
+
+
+if _C is not None:
+    # The ops only mutate their inputs: under FakeTensor tracing there is nothing to compute.
+    for _name in ("perturb_", "fused_step_", "normals_"):
+        torch.library.register_fake(f"fsgld::{_name}")(lambda *args, **kwargs: None)
+
+
+def _seed_arg(seed: int) -> int:
+    """The 64-bit seed as the int64 with the same bits (schemas take signed ints)."""
+    return seed - (1 << 64) if seed >= (1 << 63) else seed
+
+
+def _offsets(params, offsets):
+    return [0] * len(params) if offsets is None else list(offsets)
+
+
+class ExtensionOps:
+    """perturb_ / restore_ / fused_step_ on torch.ops.fsgld (the dispatcher picks CPU or CUDA)."""
+
+    @staticmethod
+    def perturb_(params, param_ids, seed, step, sigma, offsets=None, masters: Sequence[torch.Tensor] = ()):
+        torch.ops.fsgld.perturb_(list(params), list(masters), list(param_ids), _offsets(params, offsets),
+                                 _seed_arg(seed), step, sigma)
+
+    @staticmethod
+    def restore_(params, param_ids, seed, step, sigma, offsets=None, masters: Sequence[torch.Tensor] = ()):
+        if masters:  # the master is the clean weight: copying it back is the exact restore
+            torch._foreach_copy_(list(params), list(masters))
+            return
+        ExtensionOps.perturb_(params, param_ids, seed, step, -sigma, offsets)
+
+    @staticmethod
+    def fused_step_(params, grads, momentum_buffers, param_ids, seed, step, lr, weight_decay, momentum,
+                    noise_std, restore_sigma, perturb_sigma, offsets=None, masters: Sequence[torch.Tensor] = (),
+                    grad_scale=None, found_inf=None):
+        grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+        torch.ops.fsgld.fused_step_(list(params), grads, list(momentum_buffers), list(masters), list(param_ids),
+                                    _offsets(params, offsets), _seed_arg(seed), step, lr, weight_decay, momentum,
+                                    noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf)
+
+    @staticmethod
+    def normals(seed, pid, step, kind, numel, offset=0, device="cpu"):
+        out = torch.empty(numel, dtype=torch.float32, device=device)
+        torch.ops.fsgld.normals_(out, _seed_arg(seed), pid, step, kind, offset)
+        return out
+
+
+cpu_ops = cuda_ops = ExtensionOps()

@@ -1,0 +1,193 @@
+"""The executable specification of fSGLD (SPEC sections 2 and 3) in plain PyTorch.
+
+Slow on purpose and correct by construction: every kernel backend is tested against these
+functions element by element. The random stream is Philox4x32-10 done with int64 tensor ops,
+so a uint32 word is an int64 in [0, 2**32) and products are split to stay below 2**63.
+
+One step of fSGLD for the weights theta (what `fused_step_` does to each element):
+
+    theta = theta - sigma_k * eps_k                        restore (eps regenerated, not stored)
+    d     = g * grad_scale_inv + weight_decay * theta      gradient taken at theta + sigma_k*eps_k
+    buf   = momentum * buf + d;  d = buf                   only with momentum (buf starts at 0)
+    theta = theta - lr * d + sqrt(2 * lr / beta) * xi_k    SGLD update with Langevin noise
+    theta = theta + sigma_k1 * eps_{k+1}                   next step's perturbation (perturb_ahead)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = [
+    "philox4x32",
+    "normals",
+    "perturb_",
+    "restore_",
+    "fused_step_",
+    "EPS",
+    "XI",
+]
+
+EPS, XI = 0, 1  # the `kind` word of the counter: perturbation, Langevin noise
+
+_MASK32 = 0xFFFFFFFF
+_ROUND_MUL = (0xD2511F53, 0xCD9E8D57)
+_KEY_BUMP = (0x9E3779B9, 0xBB67AE85)
+_TWO_PI_F32 = torch.tensor(2.0 * math.pi, dtype=torch.float32)
+
+
+def _mulhilo32(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit halves of the 64-bit product a * m, for a < 2**32, without int64 overflow."""
+    p_lo = (a & 0xFFFF) * m  # < 2**48
+    p_hi = (a >> 16) * m  # < 2**48
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _MASK32
+    return hi, lo
+
+
+def philox4x32(counter: Sequence, key: Sequence[int]) -> tuple[torch.Tensor, ...]:
+    """Philox4x32-10 (Random123). counter: four int64 tensors (or ints) of uint32 words."""
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) for c in counter)
+    k0, k1 = key
+    for _ in range(10):
+        hi0, lo0 = _mulhilo32(c0, _ROUND_MUL[0])
+        hi1, lo1 = _mulhilo32(c2, _ROUND_MUL[1])
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _KEY_BUMP[0]) & _MASK32, (k1 + _KEY_BUMP[1]) & _MASK32
+    return c0, c1, c2, c3
+
+
+def _uniform(w: torch.Tensor) -> torch.Tensor:
+    """Odd multiples of 2**-24: exact in float32, strictly inside (0, 1)."""
+    return ((w >> 9) * 2 + 1).to(torch.float32) * 2.0**-24
+
+
+def _box_muller(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r = torch.sqrt(-2.0 * torch.log(a))
+    t = _TWO_PI_F32 * b
+    return r * torch.cos(t), r * torch.sin(t)
+
+
+def normals(
+    seed: int, pid: int, step: int, kind: int, numel: int, offset: int = 0
+) -> torch.Tensor:
+    """Standard normals of elements offset .. offset+numel-1 of parameter `pid` (float32, CPU).
+
+    `offset` is the global row-major index of the first element: a shard of a larger tensor
+    draws exactly its slice of the unsharded stream.
+    """
+    if numel == 0:
+        return torch.empty(0, dtype=torch.float32)
+    first, last = offset // 4, (offset + numel - 1) // 4
+    block = torch.arange(first, last + 1, dtype=torch.int64)
+    counter = (block & _MASK32, block >> 32, step & _MASK32, ((pid << 1) | kind) & _MASK32)
+    w0, w1, w2, w3 = philox4x32(counter, (seed & _MASK32, seed >> 32))
+    n0, n1 = _box_muller(_uniform(w0), _uniform(w1))
+    n2, n3 = _box_muller(_uniform(w2), _uniform(w3))
+    lanes = torch.stack((n0, n1, n2, n3), dim=1).reshape(-1)  # element i -> lane i % 4
+    start = offset % 4
+    return lanes[start : start + numel]
+
+
+def _noise_like(p: torch.Tensor, seed: int, pid: int, step: int, kind: int, offset: int):
+    return normals(seed, pid, step, kind, p.numel(), offset).to(p.device).view(p.shape)
+
+
+def _offsets(params, offsets):
+    return [0] * len(params) if offsets is None else list(offsets)
+
+
+def _math_dtype(p: torch.Tensor) -> torch.dtype:
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def perturb_(
+    params: Sequence[torch.Tensor],
+    param_ids: Sequence[int],
+    seed: int,
+    step: int,
+    sigma: float,
+    offsets: Optional[Sequence[int]] = None,
+    masters: Sequence[torch.Tensor] = (),
+) -> None:
+    """theta += sigma * eps_step. With fp32 masters: theta = round(master + sigma * eps_step)."""
+    offs = _offsets(params, offsets)
+    for i, (p, pid, off) in enumerate(zip(params, param_ids, offs)):
+        clean = masters[i] if masters else p.to(_math_dtype(p))
+        eps = _noise_like(p, seed, pid, step, EPS, off).to(clean.dtype)
+        p.copy_(clean + sigma * eps)
+
+
+def restore_(
+    params: Sequence[torch.Tensor],
+    param_ids: Sequence[int],
+    seed: int,
+    step: int,
+    sigma: float,
+    offsets: Optional[Sequence[int]] = None,
+    masters: Sequence[torch.Tensor] = (),
+) -> None:
+    """Undo perturb_ (same seed, step, sigma): theta -= sigma * eps_step; with masters, copy back."""
+    if masters:
+        for p, m in zip(params, masters):
+            p.copy_(m)
+        return
+    perturb_(params, param_ids, seed, step, -sigma, offsets)
+
+
+def fused_step_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    momentum_buffers: Sequence[torch.Tensor],
+    param_ids: Sequence[int],
+    seed: int,
+    step: int,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    noise_std: float,
+    restore_sigma: float,
+    perturb_sigma: float,
+    offsets: Optional[Sequence[int]] = None,
+    masters: Sequence[torch.Tensor] = (),
+    grad_scale: Optional[torch.Tensor] = None,
+    found_inf: Optional[torch.Tensor] = None,
+) -> None:
+    """SPEC section 3 for every tensor of the list; math in float32 (float64 params: float64).
+
+    momentum_buffers: empty when momentum == 0, else one zero-initialised buffer per param.
+    masters: empty, or one fp32 master per (low-precision) param; the master is never perturbed.
+    restore_sigma / perturb_sigma: 0 means "not perturbed" / "do not perturb ahead".
+    """
+    if found_inf is not None and float(found_inf) != 0.0:
+        return  # AMP overflow: nothing changes, not even the perturbation
+    inv_scale = None if grad_scale is None else 1.0 / grad_scale.float()
+    offs = _offsets(params, offsets)
+    for i, (p, g, pid, off) in enumerate(zip(params, grads, param_ids, offs)):
+        math_dtype = _math_dtype(p)
+        noise = lambda step_, kind: _noise_like(p, seed, pid, step_, kind, off).to(math_dtype)  # noqa: E731
+        if masters:
+            theta = masters[i].to(math_dtype)
+        else:
+            theta = p.to(math_dtype)
+            if restore_sigma != 0.0:
+                theta = theta - restore_sigma * noise(step, EPS)
+        d = g.to(math_dtype)
+        if inv_scale is not None:
+            d = d * inv_scale.to(d.device, math_dtype)
+        if weight_decay != 0.0:
+            d = d + weight_decay * theta
+        if momentum != 0.0:
+            buf = momentum_buffers[i]
+            buf.copy_(momentum * buf.to(math_dtype) + d)
+            d = buf.to(math_dtype)
+        theta = theta - lr * d
+        if noise_std != 0.0:
+            theta = theta + noise_std * noise(step, XI)
+        if masters:
+            masters[i].copy_(theta)
+        if perturb_sigma != 0.0:
+            theta = theta + perturb_sigma * noise(step + 1, EPS)
+        p.copy_(theta)

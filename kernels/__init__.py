@@ -1,0 +1,1 @@
+"""Triton kernels of fsgld-fused, installed as `fsgld_fused.kernels`."""
