@@ -26,4 +26,6 @@ TORCH_LIBRARY(fsgld, m) {
       "float noise_std, float restore_sigma, float perturb_sigma, Tensor? grad_scale, Tensor? found_inf) -> ()");
   // Normals of one stream for the elements offset .. offset+out.numel()-1 (tests and benchmarks).
   m.def("normals_(Tensor(a!) out, int seed, int param_id, int step, int kind, int offset) -> ()");
+  // The raw Philox words of blocks first_block .. first_block+n-1 into an int32 (n, 4) tensor.
+  m.def("philox_words_(Tensor(a!) out, int seed, int param_id, int step, int kind, int first_block) -> ()");
 }

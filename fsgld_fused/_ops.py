@@ -24,7 +24,7 @@ def require_extension(cuda: bool = False) -> None:
 
 if _C is not None:
     # The ops only mutate their inputs: under FakeTensor tracing there is nothing to compute.
-    for _name in ("perturb_", "fused_step_", "normals_"):
+    for _name in ("perturb_", "fused_step_", "normals_", "philox_words_"):
         torch.library.register_fake(f"fsgld::{_name}")(lambda *args, **kwargs: None)
 
 
@@ -65,6 +65,13 @@ class ExtensionOps:
     def normals(seed, pid, step, kind, numel, offset=0, device="cpu"):
         out = torch.empty(numel, dtype=torch.float32, device=device)
         torch.ops.fsgld.normals_(out, _seed_arg(seed), pid, step, kind, offset)
+        return out
+
+
+    @staticmethod
+    def philox_words(seed, pid, step, kind, first_block, nblocks, device="cpu"):
+        out = torch.empty(nblocks, 4, dtype=torch.int32, device=device)
+        torch.ops.fsgld.philox_words_(out, _seed_arg(seed), pid, step, kind, first_block)
         return out
 
 

@@ -1,0 +1,213 @@
+"""Every kernel backend that runs on CPU (the C++ CPU kernel; Triton through its interpreter)
+against the reference, element by element within the SPEC tolerance."""
+
+import pytest
+import torch
+
+from conftest import AVAILABLE, KERNEL_BACKENDS
+from fsgld_fused import _backends
+from fsgld_fused import reference as R
+from fsgld_fused.testing import NOISE_ATOL, assert_step_close, rtol_for
+
+if not KERNEL_BACKENDS:
+    pytest.skip("no kernel backend runs here: " + str(AVAILABLE), allow_module_level=True)
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def ops(backend, dtype=torch.float32):
+    return _backends.resolve(backend, torch.device("cpu"), dtype).ops
+
+
+def sizes_for(backend):
+    if backend == "triton":  # the interpreter runs programs one by one: keep it small
+        return [0, 1, 3, 4, 5, 1023, 4099]
+    return [0, 1, 3, 4, 5, 1023, (1 << 20) + 7]
+
+
+def supported(backend, dtype):
+    try:
+        return _backends.resolve(backend, torch.device("cpu"), dtype).name == backend
+    except ValueError:
+        return False
+
+
+def make(sizes, dtype, gen_scale=1.0):
+    return [(torch.randn(s) * gen_scale).to(dtype) for s in sizes]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("offset", [0, 1, 2, 3, 4 * (2**32 - 1) - 2])
+def test_normals_match_the_reference(backend, offset):
+    ext = ops(backend)
+    if not hasattr(ext, "normals"):
+        pytest.skip("backend exposes no raw stream")
+    for n in sizes_for(backend):
+        a = ext.normals(2**64 - 7, 3, 11, R.XI, n, offset)
+        b = R.normals(2**64 - 7, 3, 11, R.XI, n, offset)
+        torch.testing.assert_close(a, b, atol=NOISE_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_philox_words_bit_identical(backend):
+    ext = ops(backend)
+    if not hasattr(ext, "philox_words"):
+        pytest.skip("backend exposes no raw words")
+    for first in (0, 5, 2**32 - 3):
+        words = ext.philox_words(seed=0x0123456789ABCDEF, pid=9, step=2**31 + 5, kind=1, first_block=first, nblocks=37)
+        blocks = torch.arange(first, first + 37, dtype=torch.int64)
+        ref = R.philox4x32((blocks & 0xFFFFFFFF, blocks >> 32, 2**31 + 5, (9 << 1) | 1), (0x89ABCDEF, 0x01234567))
+        assert torch.equal(words.to(torch.int64) & 0xFFFFFFFF, torch.stack(ref, dim=1))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_perturb_and_restore(backend, dtype):
+    if not supported(backend, dtype):
+        pytest.skip(f"{backend} does not take {dtype}")
+    sizes = sizes_for(backend)
+    params = make(sizes, dtype)
+    ref = [p.clone() for p in params]
+    ids, offs = list(range(2, 2 + len(sizes))), [0, 5, 1, 0, 2, 3, 0]
+    ops(backend, dtype).perturb_(params, ids, 77, 4, 0.125, offsets=offs)
+    R.perturb_(ref, ids, 77, 4, 0.125, offsets=offs)
+    for a, b in zip(params, ref):
+        assert_step_close(a, b, 0.125)
+    ops(backend, dtype).restore_(params, ids, 77, 4, 0.125, offsets=offs)
+    R.restore_(ref, ids, 77, 4, 0.125, offsets=offs)
+    for a, b in zip(params, ref):
+        assert_step_close(a, b, 0.25)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_fused_step(backend, dtype, momentum, scaled):
+    if not supported(backend, dtype):
+        pytest.skip(f"{backend} does not take {dtype}")
+    sizes = sizes_for(backend)
+    params, grads = make(sizes, dtype), make(sizes, dtype, 2.0)
+    bufs = [torch.zeros_like(p) for p in params] if momentum else []
+    ref, ref_bufs = [p.clone() for p in params], [b.clone() for b in bufs]
+    ids = [7 * i for i in range(len(sizes))]
+    scale = torch.tensor([1024.0]) if scaled else None
+    for step in range(3):
+        args = (ids, 0xFEEDFACECAFEBEEF, step, 0.01, 1e-2, momentum, 3e-3, 0.0 if step == 0 else 0.02, 0.02)
+        kw = dict(grad_scale=scale) if scaled else {}
+        ops(backend, dtype).fused_step_(params, grads, bufs, *args, **kw)
+        R.fused_step_(ref, grads, ref_bufs, *args, **kw)
+        for a, b in zip(params, ref):
+            assert_step_close(a, b, 0.04 + 3e-3)
+        for a, b in zip(bufs, ref_bufs):  # buf = m*buf + g + wd*theta: theta carries the noise error
+            # a rounding flip at the operands' magnitude survives cancellation in the sum
+            flip = rtol_for(dtype) * (b.abs().max().item() if b.numel() else 0.0)
+            assert_step_close(a, b, 1e-2 * 0.02, atol_extra=flip)
+        # keep both sides on the same trajectory so errors do not compound over steps
+        for a, b in zip(params, ref):
+            a.copy_(b)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_step_with_fp32_masters(backend, dtype):
+    if not supported(backend, dtype):
+        pytest.skip(f"{backend} does not take {dtype}")
+    sizes = sizes_for(backend)
+    masters = make(sizes, torch.float32)
+    params = [m.to(dtype) for m in masters]
+    grads = make(sizes, dtype)
+    bufs = [torch.zeros_like(m) for m in masters]
+    ref_m, ref_p, ref_b = [m.clone() for m in masters], [p.clone() for p in params], [b.clone() for b in bufs]
+    ids = list(range(len(sizes)))
+    args = (ids, 5, 3, 1e-3, 0.0, 0.9, 1e-4, 0.0, 0.05)
+    ops(backend, dtype).fused_step_(params, grads, bufs, *args, masters=masters)
+    R.fused_step_(ref_p, grads, ref_b, *args, masters=ref_m)
+    for a, b in zip(masters, ref_m):
+        assert_step_close(a, b, 1e-4)
+    for a, b in zip(params, ref_p):
+        assert_step_close(a, b, 0.05 + 1e-4)
+    # restore with masters is an exact copy of the master
+    ops(backend, dtype).restore_(params, ids, 5, 4, 0.05, masters=masters)
+    for p, m in zip(params, masters):
+        assert torch.equal(p, m.to(dtype))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_found_inf_changes_nothing(backend):
+    params, grads = make([100, 37], torch.float32), make([100, 37], torch.float32)
+    bufs = [torch.zeros_like(p) for p in params]
+    before = [p.clone() for p in params]
+    ops(backend).fused_step_(params, grads, bufs, [0, 1], 1, 0, 0.1, 0.0, 0.9, 0.1, 0.1, 0.1,
+                             grad_scale=torch.tensor([8.0]), found_inf=torch.tensor([1.0]))
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+    assert all(not b.any() for b in bufs)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_mixed_dtypes_in_one_optimizer(backend):
+    from fsgld_fused import FSGLD
+
+    dts = [d for d in DTYPES if supported(backend, d)]
+    ps = [torch.nn.Parameter(torch.randn(33).to(d)) for d in dts]
+    rs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    o1 = FSGLD(ps, lr=1e-2, beta=1e4, sigma=0.01, seed=3, backend=backend)
+    o2 = FSGLD(rs, lr=1e-2, beta=1e4, sigma=0.01, seed=3, backend="reference")
+    for _ in range(2):
+        for p, r in zip(ps, rs):
+            p.grad = torch.ones_like(p)
+            r.grad = torch.ones_like(r)
+        o1.step()
+        o2.step()
+    for p, r in zip(ps, rs):
+        assert_step_close(p.detach(), r.detach(), 0.03 + 2 * (2 * 1e-2 / 1e4) ** 0.5)
+
+
+@pytest.mark.skipif("cpu" not in KERNEL_BACKENDS, reason="C++ extension not built")
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+def test_cpu_kernel_is_independent_of_the_thread_count(threads):
+    sizes = [0, 1, 5, (1 << 17) + 3, 40_000]
+    params, grads = make(sizes, torch.float32), make(sizes, torch.float32)
+    expected = [p.clone() for p in params]
+    args = (list(range(len(sizes))), 42, 7, 1e-2, 1e-3, 0.0, 1e-2, 0.03, 0.03)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ops("cpu").fused_step_(expected, grads, [], *args)
+        torch.set_num_threads(threads)
+        ops("cpu").fused_step_(params, grads, [], *args)
+    finally:
+        torch.set_num_threads(old)
+    assert all(torch.equal(a, b) for a, b in zip(params, expected))
+
+
+@pytest.mark.skipif("cpu" not in KERNEL_BACKENDS, reason="C++ extension not built")
+def test_cpu_kernel_rejects_what_it_cannot_index():
+    from fsgld_fused import FSGLD
+
+    w = torch.nn.Parameter(torch.randn(6, 4).t())  # a leaf with transposed strides
+    opt = FSGLD([w], lr=1e-3, beta=1.0, sigma=0.1, backend="cpu")
+    w.grad = torch.ones(4, 6)
+    with pytest.raises(RuntimeError, match="not contiguous.*backend='reference'"):
+        opt.step()
+    ext = ops("cpu")
+    with pytest.raises(RuntimeError, match="param_ids"):
+        ext.perturb_([torch.zeros(3)], [0, 1], 1, 0, 0.1)
+    with pytest.raises(RuntimeError, match="expected"):
+        ext.perturb_([torch.zeros(3), torch.zeros(3, dtype=torch.float64)], [0, 1], 1, 0, 0.1)
+    with pytest.raises(RuntimeError, match="grad"):
+        ext.fused_step_([torch.zeros(3)], [torch.zeros(4)], [], [0], 1, 0, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+def test_strided_parameters_work_on_the_reference_backend():
+    from fsgld_fused import FSGLD
+
+    base = torch.randn(6, 4)
+    w = torch.nn.Parameter(base.clone().t())  # strided
+    c = torch.nn.Parameter(base.clone().t().contiguous())
+    grad = torch.randn(4, 6)
+    for p in (w, c):
+        opt = FSGLD([p], lr=1e-3, beta=1.0, sigma=0.1, seed=1, backend="reference")
+        p.grad = grad.clone()
+        opt.step()
+    assert torch.equal(w.detach(), c.detach())  # noise follows the logical row-major order
