@@ -1,0 +1,84 @@
+"""The CUDA and Triton backends on a real GPU against the reference (skipped without one)."""
+
+import pytest
+import torch
+
+from conftest import AVAILABLE
+from fsgld_fused import FSGLD, _backends
+from fsgld_fused import reference as R
+from fsgld_fused.testing import NOISE_ATOL, assert_step_close
+
+pytestmark = pytest.mark.gpu
+GPU_BACKENDS = [b for b in ("cuda", "triton") if AVAILABLE.get(b) is None]
+SIZES = [0, 1, 3, 4, 5, 1023, (1 << 20) + 7, 3 << 20]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def ops(backend, dtype=torch.float32):
+    if backend not in GPU_BACKENDS:
+        pytest.skip(f"{backend} unavailable: {AVAILABLE.get(backend)}")
+    return _backends.resolve(backend, torch.device("cuda"), dtype).ops
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("offset", [0, 1, 3, 4 * (2**32 - 1) - 2])
+def test_stream_on_gpu(backend, offset):
+    ext = ops(backend)
+    for n in SIZES:
+        a = ext.normals(2**64 - 7, 3, 11, R.XI, n, offset, device="cuda").cpu()
+        torch.testing.assert_close(a, R.normals(2**64 - 7, 3, 11, R.XI, n, offset), atol=NOISE_ATOL, rtol=0)
+    words = ext.philox_words(seed=0x0123456789ABCDEF, pid=9, step=5, kind=1, first_block=2**32 - 3, nblocks=37,
+                             device="cuda").cpu()
+    blocks = torch.arange(2**32 - 3, 2**32 + 34, dtype=torch.int64)
+    ref = R.philox4x32((blocks & 0xFFFFFFFF, blocks >> 32, 5, 19), (0x89ABCDEF, 0x01234567))
+    assert torch.equal(words.to(torch.int64) & 0xFFFFFFFF, torch.stack(ref, dim=1))
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("master", [False, True])
+def test_fused_step_on_gpu(backend, dtype, momentum, master):
+    if master and dtype == torch.float32:
+        pytest.skip("masters are for low-precision params")
+    ext = ops(backend, dtype)
+    masters = [torch.randn(s, device="cuda") for s in SIZES] if master else []
+    params = [m.to(dtype) for m in masters] if master else [torch.randn(s, device="cuda").to(dtype) for s in SIZES]
+    grads = [torch.randn(s, device="cuda").to(dtype) for s in SIZES]
+    bdt = torch.float32 if master else dtype
+    bufs = [torch.zeros(s, device="cuda", dtype=bdt) for s in SIZES] if momentum else []
+    cpu = lambda xs: [x.cpu() for x in xs]  # noqa: E731
+    ref_p, ref_m, ref_b = cpu(params), cpu(masters), cpu(bufs)
+    ids, offs = list(range(len(SIZES))), [0, 1, 2, 3, 0, 5, 0, 4]
+    scale, found = torch.tensor([64.0], device="cuda"), torch.tensor([0.0], device="cuda")
+    args = (ids, 99, 6, 1e-2, 1e-2, momentum, 1e-3, 0.0 if master else 0.02, 0.02)
+    ext.fused_step_(params, grads, bufs, *args, offsets=offs, masters=masters, grad_scale=scale, found_inf=found)
+    R.fused_step_(ref_p, cpu(grads), ref_b, *args, offsets=offs, masters=ref_m, grad_scale=scale.cpu(),
+                  found_inf=found.cpu())
+    for a, b in zip(params, ref_p):
+        assert_step_close(a.cpu(), b, 0.04 + 1e-3)
+    for a, b in zip(masters, ref_m):
+        assert_step_close(a.cpu(), b, 0.02 + 1e-3)
+    before = [p.clone() for p in params]
+    ext.fused_step_(params, grads, bufs, *args, offsets=offs, masters=masters, grad_scale=scale,
+                    found_inf=torch.tensor([1.0], device="cuda"))
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_optimizer_on_gpu_matches_cpu_reference(backend):
+    ops(backend)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 33).cuda()
+    ref = torch.nn.Linear(64, 33)
+    ref.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
+    o1 = FSGLD(model.parameters(), lr=1e-2, beta=1e5, sigma=0.01, seed=5, backend=backend)
+    o2 = FSGLD(ref.parameters(), lr=1e-2, beta=1e5, sigma=0.01, seed=5, backend="reference")
+    x = torch.randn(8, 64)
+    for _ in range(3):
+        for m, o, xx in ((model, o1, x.cuda()), (ref, o2, x)):
+            o.zero_grad()
+            m(xx).pow(2).mean().backward()
+            o.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.detach().cpu(), q.detach(), atol=1e-4, rtol=1e-4)
