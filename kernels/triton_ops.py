@@ -1,0 +1,324 @@
+"""Triton kernels of fsgld-fused: perturb_, restore_ and the fused step (SPEC sections 2 and 3).
+
+Same signatures as `fsgld_fused.reference`. One launch covers a whole (device, dtype) list: a
+table of tensor addresses, sizes, parameter ids and global offsets lives on the device (built
+once and cached while the addresses are unchanged), and each program handles BLOCK Philox
+blocks (4 * BLOCK consecutive elements) of one tensor. Every draw is keyed on the element's
+global index, so the stream does not depend on BLOCK, the grid or the tensor's alignment.
+
+On CPU this runs through the Triton interpreter (`TRITON_INTERPRET=1`, set before import).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+# ---- the stream: tl.philox with the SPEC counter layout, all four words used --------------------
+@triton.jit
+def _uniform(w):
+    # odd multiples of 2**-24: exact in float32, never 0 or 1
+    return (((w >> 9) << 1) | 1).to(tl.float32) * 5.9604644775390625e-08
+
+
+@triton.jit
+def _box_muller(a, b):
+    r = tl.sqrt(-2.0 * tl.log(a))
+    t = 6.283185307179586 * b  # the float32 constant 2*pi, as in the reference
+    return r * tl.cos(t), r * tl.sin(t)
+
+
+@triton.jit
+def _normals(seed, blk, step, tag):
+    """[BLOCK, 4] normals of Philox blocks blk (int64 [BLOCK]) of stream (seed, step, tag)."""
+    c0 = (blk & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (blk >> 32).to(tl.uint32)
+    zero = c0 * 0
+    w0, w1, w2, w3 = tl.philox(seed, c0, c1, zero + step.to(tl.uint32), zero + tag.to(tl.uint32), 10)
+    n0, n1 = _box_muller(_uniform(w0), _uniform(w1))
+    n2, n3 = _box_muller(_uniform(w2), _uniform(w3))
+    # element 4*blk + lane takes word `lane`: join stacks on a new last axis, so pair (0,2),(1,3)
+    return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (blk.shape[0], 4))
+
+
+@triton.jit
+def _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr, BLOCK: tl.constexpr):
+    """This program's tensor, its Philox blocks, local element indices [BLOCK, 4] and mask."""
+    prog = tl.program_id(0)
+    t = tl.load(chunk_tensor_ptr + prog)
+    ch = tl.load(chunk_index_ptr + prog).to(tl.int64)
+    n = tl.load(numel_ptr + t)
+    off = tl.load(offset_ptr + t)
+    pid = tl.load(pid_ptr + t)
+    blk = (off >> 2) + ch * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    idx = blk[:, None] * 4 + tl.arange(0, 4)[None, :].to(tl.int64) - off
+    mask = (idx >= 0) & (idx < n)
+    return t, blk, idx, mask, pid
+
+
+@triton.jit(do_not_specialize=["seed", "step"])
+def _fused_step_kernel(
+    chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr,
+    param_addr, grad_addr, buf_addr, master_addr,
+    seed, step, lr, weight_decay, momentum, noise_std, restore_sigma, perturb_sigma,
+    grad_scale_ptr, found_inf_ptr,
+    P_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr,
+    HAS_MASTER: tl.constexpr, HAS_MOMENTUM: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    RESTORE: tl.constexpr, NOISE: tl.constexpr, AHEAD: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    if HAS_FOUND_INF:
+        if tl.load(found_inf_ptr) != 0.0:
+            return  # AMP overflow: nothing changes
+    t, blk, idx, mask, pid = _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr, BLOCK)
+    p_ptr = tl.load(param_addr + t).to(tl.pointer_type(P_DTYPE))
+    g_ptr = tl.load(grad_addr + t).to(tl.pointer_type(P_DTYPE))
+    if HAS_MASTER:
+        m_ptr = tl.load(master_addr + t).to(tl.pointer_type(tl.float32))
+        theta = tl.load(m_ptr + idx, mask=mask, other=0.0)
+    else:
+        theta = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        if RESTORE:
+            theta = theta - restore_sigma * _normals(seed, blk, step, pid * 2)
+    d = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        d = d * (1.0 / tl.load(grad_scale_ptr))
+    if WEIGHT_DECAY:
+        d = d + weight_decay * theta
+    if HAS_MOMENTUM:
+        b_ptr = tl.load(buf_addr + t).to(tl.pointer_type(B_DTYPE))
+        buf = (momentum * tl.load(b_ptr + idx, mask=mask, other=0.0).to(tl.float32) + d).to(B_DTYPE)
+        tl.store(b_ptr + idx, buf, mask=mask)
+        d = buf.to(tl.float32)  # the direction is the buffer as stored
+    theta = theta - lr * d
+    if NOISE:
+        theta = theta + noise_std * _normals(seed, blk, step, pid * 2 + 1)
+    if HAS_MASTER:
+        tl.store(m_ptr + idx, theta, mask=mask)
+    if AHEAD:
+        theta = theta + perturb_sigma * _normals(seed, blk, step + 1, pid * 2)
+    tl.store(p_ptr + idx, theta.to(P_DTYPE), mask=mask)
+
+
+@triton.jit(do_not_specialize=["seed", "step"])
+def _perturb_kernel(
+    chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr, param_addr, master_addr,
+    seed, step, sigma, P_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    t, blk, idx, mask, pid = _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr, BLOCK)
+    p_ptr = tl.load(param_addr + t).to(tl.pointer_type(P_DTYPE))
+    if HAS_MASTER:
+        m_ptr = tl.load(master_addr + t).to(tl.pointer_type(tl.float32))
+        clean = tl.load(m_ptr + idx, mask=mask, other=0.0)
+    else:
+        clean = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    tl.store(p_ptr + idx, (clean + sigma * _normals(seed, blk, step, pid * 2)).to(P_DTYPE), mask=mask)
+
+
+@triton.jit(do_not_specialize=["n", "off", "seed", "step", "tag"])
+def _normals_kernel(out_ptr, n, off, seed, step, tag, BLOCK: tl.constexpr):
+    blk = (off >> 2) + tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    idx = blk[:, None] * 4 + tl.arange(0, 4)[None, :].to(tl.int64) - off
+    tl.store(out_ptr + idx, _normals(seed, blk, step, tag), mask=(idx >= 0) & (idx < n))
+
+
+@triton.jit(do_not_specialize=["nblocks", "first", "seed", "step", "tag"])
+def _words_kernel(out_ptr, nblocks, first, seed, step, tag, BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    blk = first + b
+    c0 = (blk & 0xFFFFFFFF).to(tl.uint32)
+    zero = c0 * 0
+    w0, w1, w2, w3 = tl.philox(seed, c0, (blk >> 32).to(tl.uint32), zero + step.to(tl.uint32),
+                               zero + tag.to(tl.uint32), 10)
+    words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK, 4))
+    idx = b[:, None] * 4 + tl.arange(0, 4)[None, :].to(tl.int64)
+    tl.store(out_ptr + idx, words.to(tl.int32, bitcast=True), mask=idx < nblocks * 4)
+
+
+# ---- launch configuration ------------------------------------------------------------------------
+# Philox blocks per program and warps. The interpreter runs programs one by one in numpy, so it
+# takes the largest block; on a GPU `_tuned_block` times the candidates once per (device, dtype,
+# size class) on scratch tensors (never on the user's weights: the kernels update in place).
+_CONFIGS = ((256, 4), (512, 4), (1024, 8), (2048, 8))
+_tuned: dict[tuple, tuple[int, int]] = {}
+
+
+def _tuned_block(device: torch.device, dtype: torch.dtype, total: int) -> tuple[int, int]:
+    if INTERPRET or device.type != "cuda":
+        return 256, 4
+    size_class = max(20, min(27, int(math.log2(max(total, 1)))))  # 1M .. 128M elements
+    key = (device.index, dtype, size_class)
+    if key not in _tuned:
+        n = 1 << size_class
+        p = torch.randn(n, device=device).to(dtype)
+        g = torch.randn(n, device=device).to(dtype)
+        best = None
+        for block, warps in _CONFIGS:
+            fn = lambda: _launch_step([p], [g], [], [], [0], [0], 1, 0, 1e-6, 0.0, 0.0, 1e-6, 1e-6, 1e-6,
+                                      None, None, block, warps)  # noqa: E731
+            ms = triton.testing.do_bench(fn, warmup=5, rep=20)
+            if best is None or ms < best[0]:
+                best = (ms, block, warps)
+        _tuned[key] = best[1:]
+    return _tuned[key]
+
+
+# ---- tables: built once per set of addresses, cached ---------------------------------------------
+_TABLES: "OrderedDict[tuple, tuple]" = OrderedDict()
+_MAX_TABLES = 64
+
+
+def _table(params, grads, bufs, masters, param_ids, offsets, block):
+    device = params[0].device
+    key = (
+        device,
+        block,
+        tuple(p.data_ptr() for p in params),
+        tuple(g.data_ptr() for g in grads),
+        tuple(b.data_ptr() for b in bufs),
+        tuple(m.data_ptr() for m in masters),
+        tuple(p.numel() for p in params),
+        tuple(param_ids),
+        tuple(offsets),
+    )
+    hit = _TABLES.get(key)
+    if hit is not None:
+        _TABLES.move_to_end(key)
+        return hit
+    chunk_tensor, chunk_index = [], []
+    for i, (p, off) in enumerate(zip(params, offsets)):
+        n = p.numel()
+        if n == 0:
+            continue
+        nblk = (off + n - 1) // 4 - off // 4 + 1
+        chunks = -(-nblk // block)
+        chunk_tensor += [i] * chunks
+        chunk_index += list(range(chunks))
+
+    def as_dev(xs):
+        return torch.tensor(list(xs) if len(xs) else [0], dtype=torch.int64, device=device)
+
+    empty = [0] * len(params)
+    hit = (
+        len(chunk_tensor),
+        as_dev(chunk_tensor).to(torch.int32),
+        as_dev(chunk_index).to(torch.int32),
+        as_dev([p.numel() for p in params]),
+        as_dev(offsets),
+        as_dev(param_ids),
+        as_dev([p.data_ptr() for p in params]),
+        as_dev([g.data_ptr() for g in grads] or empty),
+        as_dev([b.data_ptr() for b in bufs] or empty),
+        as_dev([m.data_ptr() for m in masters] or empty),
+    )
+    _TABLES[key] = hit
+    if len(_TABLES) > _MAX_TABLES:
+        _TABLES.popitem(last=False)
+    return hit
+
+
+def _check(params, param_ids, offsets, *lists):
+    n = len(params)
+    if len(param_ids) != n or len(offsets) != n or any(len(x) not in (0, n) for x in lists):
+        raise RuntimeError("fsgld triton: list lengths differ from the number of params")
+    for i, p in enumerate(params):
+        if not p.is_contiguous():
+            raise RuntimeError(f"fsgld triton: param {i} is not contiguous (use backend='reference' for strided params)")
+        if p.dtype not in _TL_DTYPE or p.dtype != params[0].dtype or p.device != params[0].device:
+            raise RuntimeError(f"fsgld triton: param {i} is {p.dtype} on {p.device}; one fp32/bf16/fp16 list per call")
+        if not 0 <= param_ids[i] < 2**31 or offsets[i] < 0:
+            raise RuntimeError(f"fsgld triton: param id {param_ids[i]} or offset {offsets[i]} out of range")
+        for lst in lists:
+            if lst and (lst[i].shape != p.shape or lst[i].device != p.device or not lst[i].is_contiguous()):
+                raise RuntimeError(f"fsgld triton: tensor {i} of a companion list does not match its param")
+
+
+def _offsets(params, offsets):
+    return [0] * len(params) if offsets is None else list(offsets)
+
+
+def _launch_step(params, grads, bufs, masters, param_ids, offsets, seed, step, lr, weight_decay, momentum,
+                 noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, block, warps):
+    n_chunks, *tab = _table(params, grads, bufs, masters, param_ids, offsets, block)
+    if n_chunks == 0:
+        return
+    dummy = tab[0]
+    _fused_step_kernel[(n_chunks,)](
+        *tab,
+        seed, step, float(lr), float(weight_decay), float(momentum), float(noise_std),
+        float(restore_sigma), float(perturb_sigma),
+        grad_scale if grad_scale is not None else dummy, found_inf if found_inf is not None else dummy,
+        P_DTYPE=_TL_DTYPE[params[0].dtype],
+        B_DTYPE=tl.float32 if masters else _TL_DTYPE[params[0].dtype],
+        HAS_MASTER=bool(masters), HAS_MOMENTUM=momentum != 0.0, HAS_SCALE=grad_scale is not None,
+        HAS_FOUND_INF=found_inf is not None, RESTORE=restore_sigma != 0.0 and not masters,
+        NOISE=noise_std != 0.0, AHEAD=perturb_sigma != 0.0, WEIGHT_DECAY=weight_decay != 0.0,
+        BLOCK=block, num_warps=warps,
+    )  # fmt: skip
+
+
+# ---- the backend's face: the reference's signatures ---------------------------------------------
+def perturb_(params, param_ids, seed, step, sigma, offsets=None, masters: Sequence[torch.Tensor] = ()):
+    params, masters, offsets = list(params), list(masters), _offsets(params, offsets)
+    _check(params, list(param_ids), offsets, masters)
+    if not params:
+        return
+    block, warps = _tuned_block(params[0].device, params[0].dtype, sum(p.numel() for p in params))
+    n_chunks, chunk_t, chunk_i, numel, offs, pids, p_addr, _, _, m_addr = _table(
+        params, [], [], masters, list(param_ids), offsets, block
+    )
+    if n_chunks:
+        _perturb_kernel[(n_chunks,)](chunk_t, chunk_i, numel, offs, pids, p_addr, m_addr, seed, step, float(sigma),
+                                     P_DTYPE=_TL_DTYPE[params[0].dtype], HAS_MASTER=bool(masters), BLOCK=block,
+                                     num_warps=warps)
+
+
+def restore_(params, param_ids, seed, step, sigma, offsets=None, masters: Sequence[torch.Tensor] = ()):
+    if masters:  # the master is the clean weight: copying it back is the exact restore
+        torch._foreach_copy_(list(params), list(masters))
+        return
+    perturb_(params, param_ids, seed, step, -sigma, offsets)
+
+
+def fused_step_(params, grads, momentum_buffers, param_ids, seed, step, lr, weight_decay, momentum, noise_std,
+                restore_sigma, perturb_sigma, offsets=None, masters: Sequence[torch.Tensor] = (),
+                grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None):
+    params, masters, offsets = list(params), list(masters), _offsets(params, offsets)
+    grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+    bufs = list(momentum_buffers)
+    if len(grads) != len(params) or (momentum != 0.0) != bool(bufs) and params:
+        raise RuntimeError("fsgld triton: one grad per param, and one momentum buffer per param iff momentum != 0")
+    _check(params, list(param_ids), offsets, grads, bufs, masters)
+    if not params:
+        return
+    block, warps = _tuned_block(params[0].device, params[0].dtype, sum(p.numel() for p in params))
+    _launch_step(params, grads, bufs, masters, list(param_ids), offsets, seed, step, lr, weight_decay, momentum,
+                 noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, block, warps)
+
+
+def normals(seed, pid, step, kind, numel, offset=0, device="cpu"):
+    out = torch.empty(numel, dtype=torch.float32, device=device)
+    if numel:
+        block = 256
+        nblk = (offset + numel - 1) // 4 - offset // 4 + 1
+        _normals_kernel[(-(-nblk // block),)](out, numel, offset, seed, step, (pid << 1) | kind, BLOCK=block)
+    return out
+
+
+def philox_words(seed, pid, step, kind, first_block, nblocks, device="cpu"):
+    out = torch.empty(nblocks, 4, dtype=torch.int32, device=device)
+    if nblocks:
+        block = 256
+        _words_kernel[(-(-nblocks // block),)](out, nblocks, first_block, seed, step, (pid << 1) | kind, BLOCK=block)
+    return out
