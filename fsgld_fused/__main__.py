@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from . import _backends, reference
+from . import _backends, benchmark, reference
 from .baselines import NaiveFSGLD, median, time_fn
 from .optimizer import FSGLD
 
@@ -103,6 +103,9 @@ def main(argv=None) -> int:
     p.add_argument("--params", type=int, default=4_000_000, help="total parameter count to time")
     p.add_argument("--tensors", type=int, default=64, help="number of parameter tensors")
     p.set_defaults(func=check)
+    b = sub.add_parser("bench", help="time one step against torch.optim; write JSON and a PNG plot")
+    benchmark.add_arguments(b)
+    b.set_defaults(func=benchmark.main)
     args = parser.parse_args(argv)
     return args.func(args)
 

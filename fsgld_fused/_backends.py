@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import lru_cache
 
 from typing import Any, Callable, Optional
 
@@ -20,8 +19,8 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
-# "auto" takes the first usable entry for the device type; cuda vs triton order is a measured
-# choice (bench/) and can be overridden per group with an explicit backend name.
+# "auto" takes the first usable entry for the device type, except that between cuda and triton
+# it takes the one measured faster on this device (see resolve); an explicit name always wins.
 AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 
 
@@ -78,12 +77,18 @@ _LOADERS: dict[str, Callable[[], Backend]] = {
 }
 
 
-@lru_cache(maxsize=None)
+_PROBED: dict[str, tuple[Optional[Backend], Optional[str]]] = {}
+
+
 def _probe(name: str) -> tuple[Optional[Backend], Optional[str]]:
-    try:
-        return _LOADERS[name](), None
-    except Exception as exc:  # noqa: BLE001 - the reason is reported to the user verbatim
-        return None, str(exc) or type(exc).__name__
+    """(backend, None) if usable here, else (None, why not); loaded once (a plain dict, which
+    torch.compile traces through, where it would warn about an lru_cache)."""
+    if name not in _PROBED:
+        try:
+            _PROBED[name] = (_LOADERS[name](), None)
+        except Exception as exc:  # noqa: BLE001 - the reason is reported to the user verbatim
+            _PROBED[name] = (None, str(exc) or type(exc).__name__)
+    return _PROBED[name]
 
 
 def available_backends() -> dict[str, Optional[str]]:
@@ -103,13 +108,65 @@ def check_backend_name(name: str) -> None:
         raise ValueError(f"backend {name!r} is not available here: {reason}. Available: {usable}")
 
 
+# "auto" on CUDA: whichever of cuda / triton measured faster for (device index, dtype), timed
+# once on scratch tensors and cached; set_auto_backend overrides it.
+_AUTO_CHOICE: dict[tuple[Optional[int], torch.dtype], str] = {}
+
+
+def set_auto_backend(name: Optional[str], device: Any = "cuda", dtype: Optional[torch.dtype] = None) -> None:
+    """Make backend="auto" use `name` on `device` (for `dtype`, or every kernel dtype); None forgets."""
+    device = torch.device(device)
+    if name is not None:
+        check_backend_name(name)
+    for dt in (dtype,) if dtype is not None else KERNEL_DTYPES:
+        key = (device.index, dt)
+        if name is None:
+            _AUTO_CHOICE.pop(key, None)
+        else:
+            _AUTO_CHOICE[key] = name
+
+
+def measure_step_seconds(backend: Backend, device: torch.device, dtype: torch.dtype, numel: int = 1 << 24) -> float:
+    """Median time of one fused step over `numel` scratch elements in 8 tensors (CUDA events)."""
+    params = [torch.randn(numel // 8, device=device).to(dtype) for _ in range(8)]
+    grads = [torch.randn_like(p) for p in params]
+    ids = list(range(8))
+
+    def step():
+        backend.ops.fused_step_(params, grads, [], ids, 1, 0, 1e-6, 0.0, 0.0, 1e-6, 1e-6, 1e-6)
+
+    step()  # compile / warm up
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def _fastest(names: list[str], device: torch.device, dtype: torch.dtype) -> str:
+    key = (device.index, dtype)
+    if key not in _AUTO_CHOICE:
+        timed = {n: measure_step_seconds(_probe(n)[0], device, dtype) for n in names}
+        _AUTO_CHOICE[key] = min(timed, key=timed.get)
+    return _AUTO_CHOICE[key]
+
+
 def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
     """The backend that runs a (device, dtype) bucket of a group whose backend is `name`."""
     candidates = AUTO_ORDER.get(device.type, ("reference",)) if name == "auto" else (name,)
+    usable = []
     for cand in candidates:
         backend, _ = _probe(cand)
         if backend is not None and backend.supports(device, dtype):
-            return backend
+            usable.append(cand)
+    if name == "auto" and "cuda" in usable and "triton" in usable:
+        return _probe(_fastest(["cuda", "triton"], device, dtype))[0]
+    if usable:
+        return _probe(usable[0])[0]
     raise ValueError(
         f"backend {name!r} cannot run {dtype} parameters on {device.type}"
         + ("" if name == "auto" else "; use backend='auto' or 'reference'")

@@ -27,6 +27,8 @@ from . import _backends
 __all__ = ["FSGLD"]
 
 _SEED_LIMIT = 1 << 64
+_NONFINITE = ("raise", "skip", "ignore")
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def coupled_sigma(beta: float, eta: float) -> float:
@@ -52,8 +54,9 @@ def _check_hparams(group: dict[str, Any]) -> None:
     for key in ("weight_decay", "momentum"):
         if not 0.0 <= group[key] < math.inf:
             raise ValueError(f"Invalid {key}: {group[key]!r} (need a finite value >= 0)")
-    if not isinstance(group["perturb_ahead"], bool):
-        raise ValueError(f"perturb_ahead must be a bool, got {group['perturb_ahead']!r}")
+    for key in ("perturb_ahead", "master_weights"):
+        if not isinstance(group[key], bool):
+            raise ValueError(f"{key} must be a bool, got {group[key]!r}")
     _backends.check_backend_name(group["backend"])
 
 
@@ -77,7 +80,18 @@ class FSGLD(Optimizer):
         seed: 64-bit seed of the noise stream; None draws one from torch's default generator.
         perturb_ahead: leave the weights perturbed for the next forward after each step.
         backend: "auto", "reference", "cpu", "cuda" or "triton".
+        master_weights: keep an fp32 master copy of bf16/fp16 params in optimizer state; the
+            master is never perturbed and the param holds round(master + sigma * eps).
+        nonfinite: without a GradScaler, what a non-finite gradient does: "raise" (default) a
+            RuntimeError naming the parameters, "skip" the step (nothing changes; counted in
+            `skipped_steps`), or "ignore" (no check: one pass over the gradients fewer).
+
+    With `torch.amp.GradScaler`, the scaled gradients are unscaled inside the fused step and an
+    overflow changes nothing (weights, perturbation, step counter); the scaler's own inf check
+    replaces the `nonfinite` one.
     """
+
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -91,6 +105,8 @@ class FSGLD(Optimizer):
         seed: Optional[int] = None,
         perturb_ahead: bool = True,
         backend: str = "auto",
+        master_weights: bool = False,
+        nonfinite: str = "raise",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -101,14 +117,22 @@ class FSGLD(Optimizer):
             momentum=momentum,
             perturb_ahead=perturb_ahead,
             backend=backend,
+            master_weights=master_weights,
         )
         _check_hparams(defaults)
+        if nonfinite not in _NONFINITE:
+            raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
+        self.nonfinite = nonfinite
         if seed is None:  # two 32-bit draws: torch.manual_seed makes runs repeatable
             lo, hi = torch.randint(0, 1 << 32, (2,), dtype=torch.int64).tolist()
             seed = lo | (hi << 32)
         self._seed = _check_seed(seed)
-        self._step = 0  # the step counter k of the noise stream; a Python int, never cast
-        self._applied_sigma: list[float] = []  # per group: sigma now added to its weights (0: clean)
+        # The chain's mutable state, in one dict mutated in place: Dynamo keeps item writes on
+        # it, where it dropped plain attribute rebinding on an optimizer inside torch.compile.
+        #   step: the counter k of the noise stream, a Python int (never cast by load_state_dict)
+        #   applied_sigma: per group, the sigma now added to its weights (0.0: clean)
+        #   skipped_steps: steps skipped for non-finite gradients or AMP overflow
+        self._chain: dict[str, Any] = {"step": 0, "applied_sigma": [], "skipped_steps": 0}
         super().__init__(params, defaults)
 
     # -- construction --------------------------------------------------------------------
@@ -123,8 +147,13 @@ class FSGLD(Optimizer):
                 raise ValueError("a parameter appears twice in FSGLD's parameter list")
             seen.add(id(p))
         super().add_param_group({**param_group, "params": params})
-        _check_hparams(self.param_groups[-1])
-        self._applied_sigma.append(0.0)
+        group = self.param_groups[-1]
+        _check_hparams(group)
+        self._chain["applied_sigma"].append(0.0)
+        if group["master_weights"]:  # the weights are clean now: copy them before any perturbation
+            for p in params:
+                if p.dtype in _LOW_PRECISION and "master" not in self.state[p]:
+                    self.state[p]["master"] = p.detach().float().clone(memory_format=torch.contiguous_format)
 
     @property
     def seed(self) -> int:
@@ -133,11 +162,16 @@ class FSGLD(Optimizer):
     @property
     def step_count(self) -> int:
         """The step counter k: how many successful steps this optimizer has taken."""
-        return self._step
+        return self._chain["step"]
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients (nonfinite="skip") or AMP overflow."""
+        return self._chain["skipped_steps"]
 
     @property
     def is_perturbed(self) -> bool:
-        return any(s != 0.0 for s in self._applied_sigma)
+        return any(s != 0.0 for s in self._chain["applied_sigma"])
 
     # -- helpers -------------------------------------------------------------------------
     @staticmethod
@@ -160,22 +194,28 @@ class FSGLD(Optimizer):
         out: dict[tuple, list[list]] = defaultdict(lambda: [[] for _ in range(len(lists) + 1)])
         for i, p in enumerate(params):
             backend = _backends.resolve(group["backend"], p.device, p.dtype)
-            cols = out[(backend, p.device, p.dtype)]
+            cols = out[(backend, p.device, p.dtype)]  # a group's masters are all there or all absent
             cols[0].append(p)
             for col, lst in zip(cols[1:], lists):
                 col.append(lst[i])
         return out
 
+    def _master(self, p: torch.Tensor) -> Optional[torch.Tensor]:
+        return self.state[p].get("master") if p in self.state else None
+
+    def _shift_params(self, group, params, pids, step: int, sigma: float, perturb: bool) -> None:
+        """Perturb (or restore) params by sigma * eps_step, bucket by bucket; masters make both exact."""
+        masters = [self._master(p) for p in params]
+        for (backend, _, _), (ps, ids, ms) in self._buckets(group, params, pids, masters).items():
+            ms = ms if ms and ms[0] is not None else []
+            fn = backend.ops.perturb_ if perturb else backend.ops.restore_
+            fn(ps, ids, self._seed, step, sigma, masters=ms)
+
     def _shift(self, sigmas: list[float], step: int, sign: float) -> None:
         """Add sign * sigma_g * eps_step to every group g's weights (perturb or restore)."""
         for gi, group, pids in self._groups_with_pids():
-            if sigmas[gi] == 0.0:
-                continue
-            for (backend, _, _), (ps, ids) in self._buckets(group, group["params"], pids).items():
-                if sign > 0:
-                    backend.ops.perturb_(ps, ids, self._seed, step, sigmas[gi])
-                else:
-                    backend.ops.restore_(ps, ids, self._seed, step, sigmas[gi])
+            if sigmas[gi] != 0.0:
+                self._shift_params(group, group["params"], pids, step, sigmas[gi], perturb=sign > 0)
 
     # -- perturbation control ------------------------------------------------------------
     @torch.no_grad()
@@ -183,35 +223,37 @@ class FSGLD(Optimizer):
         """Add sigma * eps_k to every clean group (eps of the current step k). Idempotent."""
         sigmas = [
             0.0 if applied != 0.0 else self.group_sigma(g)
-            for g, applied in zip(self.param_groups, self._applied_sigma)
+            for g, applied in zip(self.param_groups, self._chain["applied_sigma"])
         ]
         for g in self.param_groups:
             _check_hparams(g)
-        self._shift(sigmas, self._step, +1.0)
-        self._applied_sigma = [a if a != 0.0 else s for a, s in zip(self._applied_sigma, sigmas)]
+        self._shift(sigmas, self._chain["step"], +1.0)
+        applied = self._chain["applied_sigma"]
+        self._chain["applied_sigma"] = [a if a != 0.0 else s for a, s in zip(applied, sigmas)]
 
     @torch.no_grad()
     def restore(self) -> None:
         """Subtract exactly the perturbation that was added. Idempotent."""
-        self._shift(self._applied_sigma, self._step, -1.0)
-        self._applied_sigma = [0.0] * len(self.param_groups)
+        self._shift(self._chain["applied_sigma"], self._chain["step"], -1.0)
+        self._chain["applied_sigma"] = [0.0] * len(self.param_groups)
 
     @contextlib.contextmanager
     def unperturbed(self) -> Iterator[None]:
         """Clean weights inside the block (evaluation, `model.state_dict()`); perturbation after."""
-        applied = list(self._applied_sigma)
+        applied = list(self._chain["applied_sigma"])
         self.restore()
         try:
             yield
         finally:
             with torch.no_grad():
-                self._shift(applied, self._step, +1.0)
-            self._applied_sigma = applied
+                self._shift(applied, self._chain["step"], +1.0)
+            self._chain["applied_sigma"] = applied
 
     # -- the step ------------------------------------------------------------------------
-    def _init_group(self, group, pids):
+    # Not named _init_group: Dynamo special-cases that name with torch.optim's return contract.
+    def _gather_group(self, group, pids):
         """Collect a group's tensors and check them all before anything is modified."""
-        with_grad: dict[str, list] = {"params": [], "grads": [], "bufs": [], "pids": []}
+        with_grad: dict[str, list] = {"params": [], "grads": [], "bufs": [], "masters": [], "pids": []}
         no_grad: dict[str, list] = {"params": [], "pids": []}
         for p, pid in zip(group["params"], pids):
             if p.grad is None:
@@ -223,15 +265,39 @@ class FSGLD(Optimizer):
                 raise RuntimeError("FSGLD does not support sparse gradients")
             if g.is_complex() or g.shape != p.shape:
                 raise RuntimeError(f"gradient of shape {tuple(g.shape)} / {g.dtype} does not match its parameter")
+            master = self._master(p)
             with_grad["params"].append(p)
             with_grad["grads"].append(g)
             with_grad["pids"].append(pid)
+            with_grad["masters"].append(master)
             if group["momentum"] != 0.0:
                 state = self.state[p]
                 if "momentum_buffer" not in state:  # zeros: momentum * 0 + d == d on the first step
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    like = master if master is not None else p
+                    state["momentum_buffer"] = torch.zeros_like(like, memory_format=torch.contiguous_format)
                 with_grad["bufs"].append(state["momentum_buffer"])
         return with_grad, no_grad
+
+    def _grads_are_finite(self, plans) -> bool:
+        """One read-only multi-tensor pass (max |g| per tensor) and one sync per device."""
+        by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+        for plan in plans:
+            for (_, device, _), cols in plan[3].items():
+                by_device[device] += cols[1]
+        for grads in by_device.values():
+            norms = torch._foreach_norm(grads, math.inf)  # NaN and inf propagate into the max
+            if not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
+                return False
+        return True
+
+    def _nonfinite_names(self, plans) -> list[str]:
+        bad = []
+        for gi, _, _, stepped, _ in plans:
+            for cols in stepped.values():
+                for p, g, pid in zip(cols[0], cols[1], cols[3]):
+                    if not torch.isfinite(g).all():
+                        bad.append(f"param {pid} (group {gi}, shape {tuple(p.shape)})")
+        return bad
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
@@ -249,27 +315,44 @@ class FSGLD(Optimizer):
                 self.restore()
                 raise
 
-        k = self._step
+        k = self._chain["step"]
         plans = []
         for gi, group, pids in self._groups_with_pids():  # validate everything first
             _check_hparams(group)
-            with_grad, no_grad = self._init_group(group, pids)
+            with_grad, no_grad = self._gather_group(group, pids)
             new_sigma = self.group_sigma(group) if group["perturb_ahead"] else 0.0
-            lists = (with_grad["grads"], with_grad["bufs"] or [None] * len(with_grad["params"]), with_grad["pids"])
+            n = len(with_grad["params"])
+            lists = (with_grad["grads"], with_grad["bufs"] or [None] * n, with_grad["pids"], with_grad["masters"])
             plans.append(
                 (
                     gi,
                     group,
                     new_sigma,
                     self._buckets(group, with_grad["params"], *lists),
-                    self._buckets(group, no_grad["params"], no_grad["pids"]),
+                    no_grad,
                 )
             )
 
-        for gi, group, new_sigma, stepped, skipped in plans:
-            old_sigma = self._applied_sigma[gi]
+        # AMP: GradScaler hands us its scale and overflow flag (and has checked the grads itself).
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if found_inf is not None:
+            if found_inf.item() != 0.0:  # the same host sync GradScaler's own skip does
+                self._chain["skipped_steps"] += 1
+                return loss  # overflow: weights, perturbation and step counter stay as they are
+        elif self.nonfinite != "ignore" and not self._grads_are_finite(plans):
+            if self.nonfinite == "raise":
+                raise RuntimeError(
+                    "FSGLD: non-finite gradient in " + ", ".join(self._nonfinite_names(plans))
+                    + "; nothing was changed. Pass nonfinite='skip' to skip such steps instead."
+                )
+            self._chain["skipped_steps"] += 1
+            return loss
+
+        for gi, group, new_sigma, stepped, no_grad in plans:
+            old_sigma = self._chain["applied_sigma"][gi]
             noise_std = math.sqrt(2.0 * group["lr"] / group["beta"])
-            for (backend, _, _), (ps, gs, bufs, ids) in stepped.items():
+            for (backend, device, _), (ps, gs, bufs, ids, ms) in stepped.items():
+                scale = None if grad_scale is None else grad_scale.to(device=device, dtype=torch.float32)
                 backend.ops.fused_step_(
                     ps,
                     gs,
@@ -283,21 +366,28 @@ class FSGLD(Optimizer):
                     noise_std,
                     old_sigma,
                     new_sigma,
+                    masters=ms if ms[0] is not None else [],
+                    grad_scale=scale,
                 )
-            for (backend, _, _), (ps, ids) in skipped.items():  # no grad: no update, no noise
+            if no_grad["params"]:  # no grad: no update, no noise; the perturbation still moves on
                 if old_sigma != 0.0:
-                    backend.ops.restore_(ps, ids, self._seed, k, old_sigma)
+                    self._shift_params(group, no_grad["params"], no_grad["pids"], k, old_sigma, perturb=False)
                 if new_sigma != 0.0:
-                    backend.ops.perturb_(ps, ids, self._seed, k + 1, new_sigma)
-            self._applied_sigma[gi] = new_sigma
-        self._step = k + 1
+                    self._shift_params(group, no_grad["params"], no_grad["pids"], k + 1, new_sigma, perturb=True)
+            self._chain["applied_sigma"][gi] = new_sigma
+        self._chain["step"] = k + 1
         return loss
 
     # -- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         # Plain Python ints and floats: load_state_dict's dtype casting never touches them.
-        sd["fsgld"] = {"seed": self._seed, "step": self._step, "applied_sigma": list(self._applied_sigma)}
+        sd["fsgld"] = {
+            "seed": self._seed,
+            "step": self._chain["step"],
+            "applied_sigma": list(self._chain["applied_sigma"]),
+            "skipped_steps": self._chain["skipped_steps"],
+        }
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -305,13 +395,39 @@ class FSGLD(Optimizer):
             raise ValueError("not an FSGLD state_dict: the 'fsgld' entry (seed, step, perturbation) is missing")
         extra = state_dict["fsgld"]
         applied = [float(s) for s in extra["applied_sigma"]]
-        if len(applied) != len(self.param_groups):
+        groups = state_dict.get("param_groups", [])
+        if len(applied) != len(self.param_groups) or len(groups) != len(self.param_groups):
             raise ValueError(
-                f"state_dict has {len(applied)} param groups, this optimizer has {len(self.param_groups)}"
+                f"state_dict has {len(groups)} param groups, this optimizer has {len(self.param_groups)}"
             )
+        saved_ids = [i for g in groups for i in g["params"]]
+        ours = [p for g in self.param_groups for p in g["params"]]
+        for gi, (g_saved, g_ours) in enumerate(zip(groups, self.param_groups)):
+            if len(g_saved["params"]) != len(g_ours["params"]):
+                raise ValueError(
+                    f"param group {gi} has {len(g_saved['params'])} params in the state_dict and "
+                    f"{len(g_ours['params'])} here"
+                )
+        # Shapes first, with the parameter named: torch would cast a mismatched buffer silently.
+        for pos, (idx, p) in enumerate(zip(saved_ids, ours)):
+            for key, value in state_dict.get("state", {}).get(idx, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape:
+                    raise ValueError(
+                        f"state_dict entry {key!r} of param {pos} has shape {tuple(value.shape)}, "
+                        f"the parameter has shape {tuple(p.shape)}"
+                    )
         seed, step = _check_seed(extra["seed"]), int(extra["step"])
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "fsgld"})
-        self._seed, self._step, self._applied_sigma = seed, step, applied
+        # Optimizer.load_state_dict casts floating state to the param dtype: fp32 masters (and
+        # the fp32 momentum buffers that go with them) are put back in fp32 from the source.
+        for idx, p in zip(saved_ids, ours):
+            saved = state_dict.get("state", {}).get(idx, {})
+            if "master" in saved:
+                for key in ("master", "momentum_buffer"):
+                    if key in saved:
+                        self.state[p][key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True)
+        self._seed = seed
+        self._chain.update(step=step, applied_sigma=applied, skipped_steps=int(extra.get("skipped_steps", 0)))
 
     def __repr__(self) -> str:
-        return super().__repr__().replace("FSGLD (", f"FSGLD (seed={self._seed}, step={self._step}", 1)
+        return super().__repr__().replace("FSGLD (", f"FSGLD (seed={self._seed}, step={self.step_count}", 1)

@@ -25,6 +25,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
+def _soft_bf16(dtype: torch.dtype) -> bool:
+    return INTERPRET and dtype == torch.bfloat16
+
+
 # ---- the stream: tl.philox with the SPEC counter layout, all four words used --------------------
 @triton.jit
 def _uniform(w):
@@ -53,6 +57,19 @@ def _normals(seed, blk, step, tag):
 
 
 @triton.jit
+def _round_to(x, DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """float32 -> DTYPE, round to nearest even. The interpreter truncates float32 -> bf16 (seen
+    with triton 3.9 and fp_downcast_rounding="rtne"), so there bf16 is rounded by hand."""
+    if SOFT_BF16:
+        b = x.to(tl.uint32, bitcast=True)
+        r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        r = tl.where(x != x, (b >> 16) | 0x40, r)  # a NaN stays a NaN
+        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
 def _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr, BLOCK: tl.constexpr):
     """This program's tensor, its Philox blocks, local element indices [BLOCK, 4] and mask."""
     prog = tl.program_id(0)
@@ -73,7 +90,7 @@ def _fused_step_kernel(
     param_addr, grad_addr, buf_addr, master_addr,
     seed, step, lr, weight_decay, momentum, noise_std, restore_sigma, perturb_sigma,
     grad_scale_ptr, found_inf_ptr,
-    P_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr,
+    P_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr, P_SOFT: tl.constexpr, B_SOFT: tl.constexpr,
     HAS_MASTER: tl.constexpr, HAS_MOMENTUM: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     RESTORE: tl.constexpr, NOISE: tl.constexpr, AHEAD: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -98,7 +115,7 @@ def _fused_step_kernel(
         d = d + weight_decay * theta
     if HAS_MOMENTUM:
         b_ptr = tl.load(buf_addr + t).to(tl.pointer_type(B_DTYPE))
-        buf = (momentum * tl.load(b_ptr + idx, mask=mask, other=0.0).to(tl.float32) + d).to(B_DTYPE)
+        buf = _round_to(momentum * tl.load(b_ptr + idx, mask=mask, other=0.0).to(tl.float32) + d, B_DTYPE, B_SOFT)
         tl.store(b_ptr + idx, buf, mask=mask)
         d = buf.to(tl.float32)  # the direction is the buffer as stored
     theta = theta - lr * d
@@ -108,13 +125,13 @@ def _fused_step_kernel(
         tl.store(m_ptr + idx, theta, mask=mask)
     if AHEAD:
         theta = theta + perturb_sigma * _normals(seed, blk, step + 1, pid * 2)
-    tl.store(p_ptr + idx, theta.to(P_DTYPE), mask=mask)
+    tl.store(p_ptr + idx, _round_to(theta, P_DTYPE, P_SOFT), mask=mask)
 
 
 @triton.jit(do_not_specialize=["seed", "step"])
 def _perturb_kernel(
     chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr, param_addr, master_addr,
-    seed, step, sigma, P_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, BLOCK: tl.constexpr,
+    seed, step, sigma, P_DTYPE: tl.constexpr, P_SOFT: tl.constexpr, HAS_MASTER: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     t, blk, idx, mask, pid = _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr, BLOCK)
     p_ptr = tl.load(param_addr + t).to(tl.pointer_type(P_DTYPE))
@@ -123,7 +140,7 @@ def _perturb_kernel(
         clean = tl.load(m_ptr + idx, mask=mask, other=0.0)
     else:
         clean = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    tl.store(p_ptr + idx, (clean + sigma * _normals(seed, blk, step, pid * 2)).to(P_DTYPE), mask=mask)
+    tl.store(p_ptr + idx, _round_to(clean + sigma * _normals(seed, blk, step, pid * 2), P_DTYPE, P_SOFT), mask=mask)
 
 
 @triton.jit(do_not_specialize=["n", "off", "seed", "step", "tag"])
@@ -261,6 +278,7 @@ def _launch_step(params, grads, bufs, masters, param_ids, offsets, seed, step, l
         grad_scale if grad_scale is not None else dummy, found_inf if found_inf is not None else dummy,
         P_DTYPE=_TL_DTYPE[params[0].dtype],
         B_DTYPE=tl.float32 if masters else _TL_DTYPE[params[0].dtype],
+        P_SOFT=_soft_bf16(params[0].dtype), B_SOFT=not masters and _soft_bf16(params[0].dtype),
         HAS_MASTER=bool(masters), HAS_MOMENTUM=momentum != 0.0, HAS_SCALE=grad_scale is not None,
         HAS_FOUND_INF=found_inf is not None, RESTORE=restore_sigma != 0.0 and not masters,
         NOISE=noise_std != 0.0, AHEAD=perturb_sigma != 0.0, WEIGHT_DECAY=weight_decay != 0.0,
@@ -280,7 +298,8 @@ def perturb_(params, param_ids, seed, step, sigma, offsets=None, masters: Sequen
     )
     if n_chunks:
         _perturb_kernel[(n_chunks,)](chunk_t, chunk_i, numel, offs, pids, p_addr, m_addr, seed, step, float(sigma),
-                                     P_DTYPE=_TL_DTYPE[params[0].dtype], HAS_MASTER=bool(masters), BLOCK=block,
+                                     P_DTYPE=_TL_DTYPE[params[0].dtype], P_SOFT=_soft_bf16(params[0].dtype),
+                                     HAS_MASTER=bool(masters), BLOCK=block,
                                      num_warps=warps)
 
 

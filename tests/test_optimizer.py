@@ -227,7 +227,7 @@ def test_state_dict_round_trip_and_refusals():
     model = _model()
     opt = FSGLD(model.parameters(), lr=1e-2, beta=1e5, seed=2**64 - 1)
     sd = opt.state_dict()
-    assert sd["fsgld"] == {"seed": 2**64 - 1, "step": 0, "applied_sigma": [0.0]}
+    assert sd["fsgld"] == {"seed": 2**64 - 1, "step": 0, "applied_sigma": [0.0], "skipped_steps": 0}
     opt2 = FSGLD(model.parameters(), lr=1e-2, beta=1e5)
     opt2.load_state_dict(copy.deepcopy(sd))
     assert opt2.seed == 2**64 - 1
