@@ -1,4 +1,8 @@
-"""`python -m fsgld_fused check`: every backend present against the reference, and timed."""
+"""`python -m fsgld_fused [main|check|demo|bench]`.
+
+main (the default): check, then demo --quick, then bench --quick.
+check: every backend present against the reference, and a step timed against torch.optim.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import sys
 
 import torch
 
-from . import _backends, benchmark, reference
+from . import _backends, benchmark, demo, reference
 from .baselines import NaiveFSGLD, median, time_fn
 from .optimizer import FSGLD
 
@@ -97,7 +101,8 @@ def check(args: argparse.Namespace) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fsgld_fused", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("main", help="the main job (also the default): check, then demo --quick, then bench --quick")
     p = sub.add_parser("check", help="compare every backend present with the reference, and time a step")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--params", type=int, default=4_000_000, help="total parameter count to time")
@@ -106,8 +111,22 @@ def main(argv=None) -> int:
     b = sub.add_parser("bench", help="time one step against torch.optim; write JSON and a PNG plot")
     benchmark.add_arguments(b)
     b.set_defaults(func=benchmark.main)
+    d = sub.add_parser("demo", help="SGD / SGLD / SAM / fSGLD on digits with label noise: accuracy, calibration, OOD")
+    demo.add_arguments(d)
+    d.set_defaults(func=demo.main)
     args = parser.parse_args(argv)
+    if args.command in (None, "main"):
+        return main_job()
     return args.func(args)
+
+
+def main_job() -> int:
+    """check, then demo --quick, then bench --quick, on this machine's default backend."""
+    rc = 0
+    for argv in (["check"], ["demo", "--quick"], ["bench", "--quick"]):
+        print(f"\n===== python -m fsgld_fused {' '.join(argv)} =====", flush=True)
+        rc |= main(argv)
+    return rc
 
 
 if __name__ == "__main__":

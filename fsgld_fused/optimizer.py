@@ -279,14 +279,20 @@ class FSGLD(Optimizer):
         return with_grad, no_grad
 
     def _grads_are_finite(self, plans) -> bool:
-        """One read-only multi-tensor pass (max |g| per tensor) and one sync per device."""
+        """One read-only pass over the gradients and one sync per device."""
         by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
         for plan in plans:
             for (_, device, _), cols in plan[3].items():
                 by_device[device] += cols[1]
-        for grads in by_device.values():
-            norms = torch._foreach_norm(grads, math.inf)  # NaN and inf propagate into the max
-            if not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
+        for device, grads in by_device.items():
+            if device.type == "cuda":  # one fused multi-tensor launch; NaN and inf reach the max
+                summary = [n.float() for n in torch._foreach_norm(grads, math.inf)]
+            else:
+                # On CPU the inf-norm ran at 3 GB/s (64M params: 93 ms) and float32 sums at 30 GB/s
+                # (9 ms). A NaN or inf makes a sum non-finite; so would a float32 overflow of the
+                # sum (|sum| > 3.4e38), which we accept as non-finite too.
+                summary = [g.sum(dtype=torch.float32) for g in grads]
+            if not bool(torch.isfinite(torch.stack(summary)).all()):
                 return False
         return True
 
