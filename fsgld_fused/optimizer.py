@@ -66,6 +66,48 @@ def _check_seed(seed: Any) -> int:
     return seed
 
 
+def _sync_seed(seed: int, given: bool) -> int:
+    """Data-parallel replicas must draw identical noise: with a process group initialised, a
+    drawn seed is broadcast from rank 0 and a given one is checked equal on every rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return seed
+    if given:
+        seeds: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(seeds, seed)
+        if len(set(seeds)) != 1:
+            raise ValueError(f"FSGLD seeds differ across ranks ({seeds}): pass the same seed, or None")
+        return seed
+    box = [seed]
+    dist.broadcast_object_list(box, src=0)
+    return int(box[0])
+
+
+def _local(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The tensor a kernel updates and the global row-major index of its first element.
+
+    A DTensor (FSDP2's sharded parameters) contributes its local shard, which draws exactly its
+    slice of the unsharded stream. That slice must be one contiguous range of the global order:
+    sharded on the leading dimension only (FSDP2's Shard(0)).
+    """
+    if not hasattr(t, "device_mesh"):
+        return t, 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local = t.to_local()
+    local_shape, global_offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    first_partial = next((d for d in range(len(t.shape)) if local_shape[d] != t.shape[d]), len(t.shape))
+    if any(local_shape[d] != t.shape[d] for d in range(first_partial + 1, len(t.shape))):
+        raise ValueError(f"FSGLD: a DTensor sharded as {t.placements} is not one contiguous range of the "
+                         "global element order; shard it on dimension 0 (FSDP2's default)")
+    offset, stride = 0, 1
+    for d in reversed(range(len(t.shape))):
+        offset += global_offset[d] * stride
+        stride *= t.shape[d]
+    return local, offset
+
+
 class FSGLD(Optimizer):
     """Flatness-aware stochastic gradient Langevin dynamics (arXiv 2510.02174).
 
@@ -125,7 +167,9 @@ class FSGLD(Optimizer):
         self.nonfinite = nonfinite
         if seed is None:  # two 32-bit draws: torch.manual_seed makes runs repeatable
             lo, hi = torch.randint(0, 1 << 32, (2,), dtype=torch.int64).tolist()
-            seed = lo | (hi << 32)
+            seed = _sync_seed(lo | (hi << 32), given=False)
+        else:
+            seed = _sync_seed(_check_seed(seed), given=True)
         self._seed = _check_seed(seed)
         # The chain's mutable state, in one dict mutated in place: Dynamo keeps item writes on
         # it, where it dropped plain attribute rebinding on an optimizer inside torch.compile.
@@ -153,7 +197,8 @@ class FSGLD(Optimizer):
         if group["master_weights"]:  # the weights are clean now: copy them before any perturbation
             for p in params:
                 if p.dtype in _LOW_PRECISION and "master" not in self.state[p]:
-                    self.state[p]["master"] = p.detach().float().clone(memory_format=torch.contiguous_format)
+                    local = _local(p.detach())[0]
+                    self.state[p]["master"] = local.float().clone(memory_format=torch.contiguous_format)
 
     @property
     def seed(self) -> int:
@@ -206,10 +251,12 @@ class FSGLD(Optimizer):
     def _shift_params(self, group, params, pids, step: int, sigma: float, perturb: bool) -> None:
         """Perturb (or restore) params by sigma * eps_step, bucket by bucket; masters make both exact."""
         masters = [self._master(p) for p in params]
-        for (backend, _, _), (ps, ids, ms) in self._buckets(group, params, pids, masters).items():
+        views = [_local(p.detach()) for p in params]
+        locals_, offsets = [v[0] for v in views], [v[1] for v in views]
+        for (backend, _, _), (ps, ids, ms, offs) in self._buckets(group, locals_, pids, masters, offsets).items():
             ms = ms if ms and ms[0] is not None else []
             fn = backend.ops.perturb_ if perturb else backend.ops.restore_
-            fn(ps, ids, self._seed, step, sigma, masters=ms)
+            fn(ps, ids, self._seed, step, sigma, offsets=offs, masters=ms)
 
     def _shift(self, sigmas: list[float], step: int, sign: float) -> None:
         """Add sign * sigma_g * eps_step to every group g's weights (perturb or restore)."""
@@ -253,7 +300,7 @@ class FSGLD(Optimizer):
     # Not named _init_group: Dynamo special-cases that name with torch.optim's return contract.
     def _gather_group(self, group, pids):
         """Collect a group's tensors and check them all before anything is modified."""
-        with_grad: dict[str, list] = {"params": [], "grads": [], "bufs": [], "masters": [], "pids": []}
+        with_grad: dict[str, list] = {"params": [], "grads": [], "bufs": [], "masters": [], "pids": [], "offsets": []}
         no_grad: dict[str, list] = {"params": [], "pids": []}
         for p, pid in zip(group["params"], pids):
             if p.grad is None:
@@ -266,14 +313,16 @@ class FSGLD(Optimizer):
             if g.is_complex() or g.shape != p.shape:
                 raise RuntimeError(f"gradient of shape {tuple(g.shape)} / {g.dtype} does not match its parameter")
             master = self._master(p)
-            with_grad["params"].append(p)
-            with_grad["grads"].append(g)
+            local, offset = _local(p.detach())
+            with_grad["params"].append(local)
+            with_grad["grads"].append(_local(g)[0])
             with_grad["pids"].append(pid)
+            with_grad["offsets"].append(offset)
             with_grad["masters"].append(master)
             if group["momentum"] != 0.0:
                 state = self.state[p]
                 if "momentum_buffer" not in state:  # zeros: momentum * 0 + d == d on the first step
-                    like = master if master is not None else p
+                    like = master if master is not None else local
                     state["momentum_buffer"] = torch.zeros_like(like, memory_format=torch.contiguous_format)
                 with_grad["bufs"].append(state["momentum_buffer"])
         return with_grad, no_grad
@@ -328,7 +377,8 @@ class FSGLD(Optimizer):
             with_grad, no_grad = self._gather_group(group, pids)
             new_sigma = self.group_sigma(group) if group["perturb_ahead"] else 0.0
             n = len(with_grad["params"])
-            lists = (with_grad["grads"], with_grad["bufs"] or [None] * n, with_grad["pids"], with_grad["masters"])
+            lists = (with_grad["grads"], with_grad["bufs"] or [None] * n, with_grad["pids"], with_grad["masters"],
+                     with_grad["offsets"])
             plans.append(
                 (
                     gi,
@@ -357,7 +407,7 @@ class FSGLD(Optimizer):
         for gi, group, new_sigma, stepped, no_grad in plans:
             old_sigma = self._chain["applied_sigma"][gi]
             noise_std = math.sqrt(2.0 * group["lr"] / group["beta"])
-            for (backend, device, _), (ps, gs, bufs, ids, ms) in stepped.items():
+            for (backend, device, _), (ps, gs, bufs, ids, ms, offs) in stepped.items():
                 scale = None if grad_scale is None else grad_scale.to(device=device, dtype=torch.float32)
                 backend.ops.fused_step_(
                     ps,
@@ -372,6 +422,7 @@ class FSGLD(Optimizer):
                     noise_std,
                     old_sigma,
                     new_sigma,
+                    offsets=offs,
                     masters=ms if ms[0] is not None else [],
                     grad_scale=scale,
                 )

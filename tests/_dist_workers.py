@@ -1,0 +1,95 @@
+"""Worker functions for tests/test_distributed.py (importable by spawned processes)."""
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def _init(rank, world, port):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 33), torch.nn.Tanh(), torch.nn.Linear(33, 5))
+
+
+def _global_batches(n):
+    g = torch.Generator().manual_seed(123)
+    return [(torch.randn(8, 6, generator=g), torch.randn(8, 5, generator=g)) for _ in range(n)]
+
+
+def ddp_worker(rank, world, port, backend, out_dir):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from fsgld_fused import FSGLD
+
+    _init(rank, world, port)
+    try:
+        model = DDP(_model())
+        torch.manual_seed(1000 + rank)  # each rank would draw a different seed on its own
+        opt = FSGLD(model.parameters(), lr=1e-2, beta=1e4, momentum=0.5, backend=backend)
+        seeds = [None] * world
+        dist.all_gather_object(seeds, opt.seed)
+        assert len(set(seeds)) == 1, seeds
+        g = torch.Generator().manual_seed(rank)  # different data on every rank
+        for _ in range(5):
+            x, y = torch.randn(4, 6, generator=g), torch.randn(4, 5, generator=g)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        torch.save([p.detach() for p in model.parameters()], os.path.join(out_dir, f"ddp_{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def mismatched_seed_worker(rank, world, port, out_dir):
+    from fsgld_fused import FSGLD
+
+    _init(rank, world, port)
+    try:
+        try:
+            FSGLD(_model().parameters(), lr=1e-2, beta=1e4, seed=rank)
+            msg = "no error"
+        except ValueError as exc:
+            msg = str(exc)
+        with open(os.path.join(out_dir, f"seed_{rank}.txt"), "w") as f:
+            f.write(msg)
+    finally:
+        dist.destroy_process_group()
+
+
+def fsdp_worker(rank, world, port, backend, out_dir):
+    from torch.distributed.fsdp import fully_shard
+
+    from fsgld_fused import FSGLD
+
+    _init(rank, world, port)
+    try:
+        model = _model()
+        fully_shard(model[0])
+        fully_shard(model[2])
+        fully_shard(model)
+        opt = FSGLD(model.parameters(), lr=1e-2, beta=1e4, sigma=0.05, momentum=0.5, seed=77, backend=backend)
+        # the perturbation of each shard is its slice of the unsharded stream
+        before = [p.to_local().detach().clone() for p in model.parameters()]
+        opt.perturb()
+        shards = []
+        for p, b in zip(model.parameters(), before):
+            shards.append({"local": p.to_local().detach().clone(), "before": b,
+                           "full_shape": tuple(p.shape), "placements": str(p.placements)})
+        opt.restore()
+        for x, y in _global_batches(4):
+            xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]  # this rank's half of the global batch
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(xs), ys).backward()
+            opt.step()
+        with opt.unperturbed():
+            full = [p.full_tensor().detach().clone() for p in model.parameters()]
+        torch.save({"full": full, "shards": shards}, os.path.join(out_dir, f"fsdp_{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
