@@ -247,14 +247,9 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     int64_t step, double lr, double weight_decay, double momentum, double noise_std,
                     double restore_sigma, double perturb_sigma, const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& found_inf) {
-  TORCH_CHECK(grads.size() == params.size(), "fsgld::fused_step_: ", grads.size(), " grads for ", params.size(),
-              " params");
-  TORCH_CHECK((momentum != 0.0) == !momentum_buffers.empty() || params.empty(),
-              "fsgld::fused_step_: pass one momentum buffer per param exactly when momentum != 0");
-  check_lists(c10::DeviceType::CPU, params, grads, momentum_buffers, masters, param_ids, offsets);
+  check_fused_step(c10::DeviceType::CPU, params, grads, momentum_buffers, masters, param_ids, offsets, momentum,
+                   grad_scale, found_inf);
   if (params.empty()) return;
-  check_scalar_tensor(grad_scale, "grad_scale", params[0].device());
-  check_scalar_tensor(found_inf, "found_inf", params[0].device());
   if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return;  // AMP overflow: change nothing
   const float inv_scale = grad_scale.has_value() ? 1.0f / grad_scale->item<float>() : 1.0f;
   const auto prefix = prefix_numel(params);

@@ -240,14 +240,9 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      int64_t step, double lr, double weight_decay, double momentum, double noise_std,
                      double restore_sigma, double perturb_sigma, const std::optional<at::Tensor>& grad_scale,
                      const std::optional<at::Tensor>& found_inf) {
-  TORCH_CHECK(grads.size() == params.size(), "fsgld::fused_step_: ", grads.size(), " grads for ", params.size(),
-              " params");
-  TORCH_CHECK((momentum != 0.0) == !momentum_buffers.empty() || params.empty(),
-              "fsgld::fused_step_: pass one momentum buffer per param exactly when momentum != 0");
-  check_lists(c10::DeviceType::CUDA, params, grads, momentum_buffers, masters, param_ids, offsets);
+  check_fused_step(c10::DeviceType::CUDA, params, grads, momentum_buffers, masters, param_ids, offsets, momentum,
+                   grad_scale, found_inf);
   if (params.empty()) return;
-  check_scalar_tensor(grad_scale, "grad_scale", params[0].device());
-  check_scalar_tensor(found_inf, "found_inf", params[0].device());
   TORCH_CHECK(params[0].scalar_type() != at::kDouble, "fsgld: the cuda backend takes fp32/bf16/fp16 params");
   const c10::cuda::CUDAGuard guard(params[0].device());
   const auto stream = c10::cuda::getCurrentCUDAStream();

@@ -48,10 +48,26 @@ inline void check_lists(c10::DeviceType device_type, at::TensorList params, at::
   }
 }
 
+
 inline void check_scalar_tensor(const std::optional<at::Tensor>& t, const char* what, c10::Device device) {
   if (!t.has_value()) return;
   TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat && t->device() == device, "fsgld: ", what,
               " must be a one-element float32 tensor on ", device);
+}
+
+// Everything fused_step_ needs of its arguments, for every device's kernel.
+inline void check_fused_step(c10::DeviceType device_type, at::TensorList params, at::TensorList grads,
+                             at::TensorList momentum_buffers, at::TensorList masters, at::IntArrayRef param_ids,
+                             at::IntArrayRef offsets, double momentum, const std::optional<at::Tensor>& grad_scale,
+                             const std::optional<at::Tensor>& found_inf) {
+  TORCH_CHECK(grads.size() == params.size(), "fsgld::fused_step_: ", grads.size(), " grads for ", params.size(),
+              " params");
+  TORCH_CHECK((momentum != 0.0) == !momentum_buffers.empty() || params.empty(),
+              "fsgld::fused_step_: pass one momentum buffer per param exactly when momentum != 0");
+  check_lists(device_type, params, grads, momentum_buffers, masters, param_ids, offsets);
+  if (params.empty()) return;
+  check_scalar_tensor(grad_scale, "grad_scale", params[0].device());
+  check_scalar_tensor(found_inf, "found_inf", params[0].device());
 }
 
 // Python ints are int64 in schemas: the 64-bit seed travels as its two's-complement bits.
