@@ -251,7 +251,7 @@ class FSGLD(Optimizer):
     def _shift_params(self, group, params, pids, step: int, sigma: float, perturb: bool) -> None:
         """Perturb (or restore) params by sigma * eps_step, bucket by bucket; masters make both exact."""
         masters = [self._master(p) for p in params]
-        views = [_local(p.detach()) for p in params]
+        views = [_local(p) for p in params]
         locals_, offsets = [v[0] for v in views], [v[1] for v in views]
         for (backend, _, _), (ps, ids, ms, offs) in self._buckets(group, locals_, pids, masters, offsets).items():
             ms = ms if ms and ms[0] is not None else []
@@ -313,7 +313,7 @@ class FSGLD(Optimizer):
             if g.is_complex() or g.shape != p.shape:
                 raise RuntimeError(f"gradient of shape {tuple(g.shape)} / {g.dtype} does not match its parameter")
             master = self._master(p)
-            local, offset = _local(p.detach())
+            local, offset = _local(p)
             with_grad["params"].append(local)
             with_grad["grads"].append(_local(g)[0])
             with_grad["pids"].append(pid)
