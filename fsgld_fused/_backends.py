@@ -127,7 +127,7 @@ def set_auto_backend(name: Optional[str], device: Any = "cuda", dtype: Optional[
 
 
 def measure_step_seconds(backend: Backend, device: torch.device, dtype: torch.dtype, numel: int = 1 << 24) -> float:
-    """Median time of one fused step over `numel` scratch elements in 8 tensors (CUDA events)."""
+    """Median time of one fused step over `numel` scratch elements in 8 tensors."""
     params = [torch.randn(numel // 8, device=device).to(dtype) for _ in range(8)]
     grads = [torch.randn_like(p) for p in params]
     ids = list(range(8))
@@ -135,16 +135,9 @@ def measure_step_seconds(backend: Backend, device: torch.device, dtype: torch.dt
     def step():
         backend.ops.fused_step_(params, grads, [], ids, 1, 0, 1e-6, 0.0, 0.0, 1e-6, 1e-6, 1e-6)
 
-    step()  # compile / warm up
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
+    from .baselines import median, time_fn
+
+    return median(time_fn(step, device, warmup=1, repeat=5))
 
 
 def _fastest(names: list[str], device: torch.device, dtype: torch.dtype) -> str:

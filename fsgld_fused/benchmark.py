@@ -18,13 +18,12 @@ import os
 import platform
 import statistics
 import sys
-import time
 from typing import Callable, Optional
 
 import torch
 
 from . import _backends
-from .baselines import NaiveFSGLD, synchronize
+from .baselines import NaiveFSGLD, time_fn
 from .optimizer import FSGLD
 
 BYTES_PER_PARAM = 12
@@ -49,23 +48,7 @@ def make_tensors(total: int, layout: str, device, dtype=torch.float32):
 
 # ---- timing -----------------------------------------------------------------------------------------
 def time_step(fn: Callable[[], object], device: torch.device, repeat: int, warmup: int = 2) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    out = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            out.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
-    return out
+    return time_fn(fn, device, warmup=warmup, repeat=repeat)
 
 
 def copy_bandwidth(device: torch.device, numel: int, repeat: int) -> float:
