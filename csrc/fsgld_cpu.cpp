@@ -188,9 +188,11 @@ void perturb_chunk(S* __restrict p, const float* __restrict master, const float*
 }
 
 void perturb_cpu(at::TensorList params, at::TensorList masters, at::IntArrayRef param_ids, at::IntArrayRef offsets,
-                 int64_t seed, int64_t step, double sigma) {
+                 int64_t seed, int64_t step, double sigma, const std::optional<at::Tensor>& step_t) {
   check_lists(c10::DeviceType::CPU, params, {}, {}, masters, param_ids, offsets);
   if (params.empty()) return;
+  check_step_tensor(step_t, params[0].device());
+  if (step_t.has_value()) step = step_t->item<int64_t>();
   const auto prefix = prefix_numel(params);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "fsgld::perturb_", [&] {
     using S = scalar_t;
@@ -246,10 +248,17 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     at::TensorList masters, at::IntArrayRef param_ids, at::IntArrayRef offsets, int64_t seed,
                     int64_t step, double lr, double weight_decay, double momentum, double noise_std,
                     double restore_sigma, double perturb_sigma, const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf) {
+                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& step_t,
+                    const std::optional<at::Tensor>& lr_t) {
   check_fused_step(c10::DeviceType::CPU, params, grads, momentum_buffers, masters, param_ids, offsets, momentum,
-                   grad_scale, found_inf);
+                   grad_scale, found_inf, step_t, lr_t);
   if (params.empty()) return;
+  if (step_t.has_value()) step = step_t->item<int64_t>();  // CPU tensors: reading them costs no sync
+  if (lr_t.has_value()) {
+    const float lr_f = lr_t->item<float>();
+    lr = lr_f;
+    noise_std = (double)((float)noise_std * sqrtf(lr_f));
+  }
   if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return;  // AMP overflow: change nothing
   const float inv_scale = grad_scale.has_value() ? 1.0f / grad_scale->item<float>() : 1.0f;
   const auto prefix = prefix_numel(params);

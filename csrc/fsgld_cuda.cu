@@ -49,6 +49,8 @@ struct Scalars {
   float lr, weight_decay, momentum, noise_std, restore_sigma, perturb_sigma, sigma;
   const float* grad_scale;  // device scalar or null
   const float* found_inf;   // device scalar or null
+  const int64_t* step_t;    // capturable: device step counter (replaces step) or null
+  const float* lr_t;        // capturable: device lr (replaces lr; noise_std *= sqrt(lr)) or null
   bool restore, noise, ahead, has_momentum, has_master;
 };
 
@@ -97,11 +99,14 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const __grid_const
   const S* g = static_cast<const S*>(tab.grad[t]);
   B* buf = static_cast<B*>(tab.buf[t]);
   float* master = tab.master[t];
-  StepCoeffs<float> c{sc.lr, sc.weight_decay, sc.momentum, sc.noise_std, sc.restore_sigma, sc.perturb_sigma,
+  const float lr = sc.lr_t ? *sc.lr_t : sc.lr;
+  const float noise_std = sc.lr_t ? sc.noise_std * sqrtf(lr) : sc.noise_std;
+  const int64_t step = sc.step_t ? *sc.step_t : sc.step;  // read on the device: graph replays advance
+  StepCoeffs<float> c{lr, sc.weight_decay, sc.momentum, noise_std, sc.restore_sigma, sc.perturb_sigma,
                       sc.grad_scale ? 1.0f / *sc.grad_scale : 1.0f, sc.grad_scale != nullptr, sc.has_momentum};
-  const Stream s_eps = make_stream(sc.seed, tab.pid[t], sc.step, kEps);
-  const Stream s_xi = make_stream(sc.seed, tab.pid[t], sc.step, kXi);
-  const Stream s_next = make_stream(sc.seed, tab.pid[t], sc.step + 1, kEps);
+  const Stream s_eps = make_stream(sc.seed, tab.pid[t], step, kEps);
+  const Stream s_xi = make_stream(sc.seed, tab.pid[t], step, kXi);
+  const Stream s_next = make_stream(sc.seed, tab.pid[t], step + 1, kEps);
   const int64_t chunk_first = first_blk + (int64_t)tab.chunk_index[blockIdx.x] * kChunkBlocks;
 #pragma unroll
   for (int it = 0; it < kBlocksPerThread; ++it) {
@@ -143,7 +148,7 @@ __global__ void __launch_bounds__(kThreads) perturb_kernel(const __grid_constant
   const int64_t last_blk = (off + n - 1) >> 2;
   S* p = static_cast<S*>(tab.param[t]);
   const float* master = tab.master[t];
-  const Stream st = make_stream(sc.seed, tab.pid[t], sc.step, kEps);
+  const Stream st = make_stream(sc.seed, tab.pid[t], sc.step_t ? *sc.step_t : sc.step, kEps);
   const int64_t chunk_first = (off >> 2) + (int64_t)tab.chunk_index[blockIdx.x] * kChunkBlocks;
 #pragma unroll
   for (int it = 0; it < kBlocksPerThread; ++it) {
@@ -239,9 +244,10 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      at::TensorList masters, at::IntArrayRef param_ids, at::IntArrayRef offsets, int64_t seed,
                      int64_t step, double lr, double weight_decay, double momentum, double noise_std,
                      double restore_sigma, double perturb_sigma, const std::optional<at::Tensor>& grad_scale,
-                     const std::optional<at::Tensor>& found_inf) {
+                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& step_t,
+                     const std::optional<at::Tensor>& lr_t) {
   check_fused_step(c10::DeviceType::CUDA, params, grads, momentum_buffers, masters, param_ids, offsets, momentum,
-                   grad_scale, found_inf);
+                   grad_scale, found_inf, step_t, lr_t);
   if (params.empty()) return;
   TORCH_CHECK(params[0].scalar_type() != at::kDouble, "fsgld: the cuda backend takes fp32/bf16/fp16 params");
   const c10::cuda::CUDAGuard guard(params[0].device());
@@ -249,6 +255,7 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   Scalars sc{seed_bits(seed), step, (float)lr, (float)weight_decay, (float)momentum, (float)noise_std,
              (float)restore_sigma, (float)perturb_sigma, 0.0f,
              grad_scale ? grad_scale->data_ptr<float>() : nullptr, found_inf ? found_inf->data_ptr<float>() : nullptr,
+             step_t ? step_t->data_ptr<int64_t>() : nullptr, lr_t ? lr_t->data_ptr<float>() : nullptr,
              restore_sigma != 0.0, noise_std != 0.0, perturb_sigma != 0.0, momentum != 0.0, !masters.empty()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "fsgld::fused_step_", [&] {
     using S = scalar_t;
@@ -265,14 +272,16 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
 }
 
 void perturb_cuda(at::TensorList params, at::TensorList masters, at::IntArrayRef param_ids, at::IntArrayRef offsets,
-                  int64_t seed, int64_t step, double sigma) {
+                  int64_t seed, int64_t step, double sigma, const std::optional<at::Tensor>& step_t) {
   check_lists(c10::DeviceType::CUDA, params, {}, {}, masters, param_ids, offsets);
   if (params.empty()) return;
   TORCH_CHECK(params[0].scalar_type() != at::kDouble, "fsgld: the cuda backend takes fp32/bf16/fp16 params");
   const c10::cuda::CUDAGuard guard(params[0].device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   Scalars sc{};
+  check_step_tensor(step_t, params[0].device());
   sc.seed = seed_bits(seed), sc.step = step, sc.sigma = (float)sigma, sc.has_master = !masters.empty();
+  sc.step_t = step_t ? step_t->data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "fsgld::perturb_", [&] {
     multi_tensor_apply(params, {}, {}, masters, param_ids, offsets, [&](const TensorTable& tab, int nchunks) {
       perturb_kernel<scalar_t><<<nchunks, kThreads, 0, stream>>>(tab, sc);

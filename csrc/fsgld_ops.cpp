@@ -17,13 +17,17 @@ TORCH_LIBRARY(fsgld, m) {
   // A negative sigma restores. `seed` is the 64-bit seed's two's-complement bits.
   m.def(
       "perturb_(Tensor(a!)[] params, Tensor[] masters, int[] param_ids, int[] offsets, int seed, int step, "
-      "float sigma) -> ()");
+      "float sigma, Tensor? step_t=None) -> ()");
   // SPEC 3 over the list: restore (restore_sigma, eps_step), SGLD update (xi_step), perturb
   // ahead (perturb_sigma, eps_{step+1}). Nothing changes if found_inf is nonzero.
+  // Capturable form (CUDA graphs): step_t (int64) replaces `step`, lr_t (float32) replaces `lr`,
+  // and the Langevin std is then noise_std * sqrt(lr_t) (pass noise_std = sqrt(2 / beta)). The
+  // kernels only read them: the caller advances step_t on the device.
   m.def(
       "fused_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] masters, "
       "int[] param_ids, int[] offsets, int seed, int step, float lr, float weight_decay, float momentum, "
-      "float noise_std, float restore_sigma, float perturb_sigma, Tensor? grad_scale, Tensor? found_inf) -> ()");
+      "float noise_std, float restore_sigma, float perturb_sigma, Tensor? grad_scale, Tensor? found_inf, "
+      "Tensor? step_t=None, Tensor? lr_t=None) -> ()");
   // Normals of one stream for the elements offset .. offset+out.numel()-1 (tests and benchmarks).
   m.def("normals_(Tensor(a!) out, int seed, int param_id, int step, int kind, int offset) -> ()");
   // The raw Philox words of blocks first_block .. first_block+n-1 into an int32 (n, 4) tensor.

@@ -55,11 +55,18 @@ inline void check_scalar_tensor(const std::optional<at::Tensor>& t, const char* 
               " must be a one-element float32 tensor on ", device);
 }
 
+inline void check_step_tensor(const std::optional<at::Tensor>& t, c10::Device device) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kLong && t->device() == device,
+              "fsgld: step_t must be a one-element int64 tensor on ", device);
+}
+
 // Everything fused_step_ needs of its arguments, for every device's kernel.
 inline void check_fused_step(c10::DeviceType device_type, at::TensorList params, at::TensorList grads,
                              at::TensorList momentum_buffers, at::TensorList masters, at::IntArrayRef param_ids,
                              at::IntArrayRef offsets, double momentum, const std::optional<at::Tensor>& grad_scale,
-                             const std::optional<at::Tensor>& found_inf) {
+                             const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& step_t,
+                             const std::optional<at::Tensor>& lr_t) {
   TORCH_CHECK(grads.size() == params.size(), "fsgld::fused_step_: ", grads.size(), " grads for ", params.size(),
               " params");
   TORCH_CHECK((momentum != 0.0) == !momentum_buffers.empty() || params.empty(),
@@ -68,6 +75,8 @@ inline void check_fused_step(c10::DeviceType device_type, at::TensorList params,
   if (params.empty()) return;
   check_scalar_tensor(grad_scale, "grad_scale", params[0].device());
   check_scalar_tensor(found_inf, "found_inf", params[0].device());
+  check_scalar_tensor(lr_t, "lr_t", params[0].device());
+  check_step_tensor(step_t, params[0].device());
 }
 
 // Python ints are int64 in schemas: the 64-bit seed travels as its two's-complement bits.

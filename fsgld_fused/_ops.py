@@ -41,25 +41,27 @@ class ExtensionOps:
     """perturb_ / restore_ / fused_step_ on torch.ops.fsgld (the dispatcher picks CPU or CUDA)."""
 
     @staticmethod
-    def perturb_(params, param_ids, seed, step, sigma, offsets=None, masters: Sequence[torch.Tensor] = ()):
+    def perturb_(params, param_ids, seed, step, sigma, offsets=None, masters: Sequence[torch.Tensor] = (),
+                 step_t=None):
         torch.ops.fsgld.perturb_(list(params), list(masters), list(param_ids), _offsets(params, offsets),
-                                 _seed_arg(seed), step, sigma)
+                                 _seed_arg(seed), step, sigma, step_t)
 
     @staticmethod
-    def restore_(params, param_ids, seed, step, sigma, offsets=None, masters: Sequence[torch.Tensor] = ()):
+    def restore_(params, param_ids, seed, step, sigma, offsets=None, masters: Sequence[torch.Tensor] = (),
+                 step_t=None):
         if masters:  # the master is the clean weight: copying it back is the exact restore
             torch._foreach_copy_(list(params), list(masters))
             return
-        ExtensionOps.perturb_(params, param_ids, seed, step, -sigma, offsets)
+        ExtensionOps.perturb_(params, param_ids, seed, step, -sigma, offsets, step_t=step_t)
 
     @staticmethod
     def fused_step_(params, grads, momentum_buffers, param_ids, seed, step, lr, weight_decay, momentum,
                     noise_std, restore_sigma, perturb_sigma, offsets=None, masters: Sequence[torch.Tensor] = (),
-                    grad_scale=None, found_inf=None):
+                    grad_scale=None, found_inf=None, step_t=None, lr_t=None):
         grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
         torch.ops.fsgld.fused_step_(list(params), grads, list(momentum_buffers), list(masters), list(param_ids),
                                     _offsets(params, offsets), _seed_arg(seed), step, lr, weight_decay, momentum,
-                                    noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf)
+                                    noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, step_t, lr_t)
 
     @staticmethod
     def normals(seed, pid, step, kind, numel, offset=0, device="cpu"):

@@ -36,10 +36,15 @@ def coupled_sigma(beta: float, eta: float) -> float:
     return beta ** (-(1.0 + eta) / 4.0)
 
 
-def _check_hparams(group: dict[str, Any]) -> None:
+def _check_hparams(group: dict[str, Any], capturable: bool = False) -> None:
     """The one argument validator: construction, add_param_group and every step use it."""
     lr, beta, sigma, eta = group["lr"], group["beta"], group["sigma"], group["eta"]
-    if isinstance(lr, torch.Tensor) or not (0.0 < lr < math.inf):
+    if isinstance(lr, torch.Tensor):
+        # A tensor lr is for capturable=True (CUDA graphs): its value is read on the device, so it
+        # is not range-checked here (that would be a host sync).
+        if not capturable or lr.numel() != 1 or lr.dtype != torch.float32:
+            raise ValueError("a Tensor lr needs capturable=True and a one-element float32 tensor")
+    elif not 0.0 < lr < math.inf:
         raise ValueError(f"Invalid learning rate: {lr!r} (need a finite float > 0)")
     if not beta > 0.0:  # also refuses NaN; beta = inf is noise-free (plain SGD)
         raise ValueError(f"Invalid beta: {beta!r} (need beta > 0; it is the inverse temperature)")
@@ -149,6 +154,7 @@ class FSGLD(Optimizer):
         backend: str = "auto",
         master_weights: bool = False,
         nonfinite: str = "raise",
+        capturable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -161,9 +167,17 @@ class FSGLD(Optimizer):
             backend=backend,
             master_weights=master_weights,
         )
-        _check_hparams(defaults)
+        if not isinstance(capturable, bool):
+            raise ValueError(f"capturable must be a bool, got {capturable!r}")
+        self.capturable = capturable
+        _check_hparams(defaults, capturable)
         if nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
+        if capturable and nonfinite != "ignore":
+            raise ValueError(
+                "capturable=True cannot check gradients for inf/NaN without a host sync: pass "
+                "nonfinite='ignore' (with a GradScaler, overflowed steps are still skipped on the device)"
+            )
         self.nonfinite = nonfinite
         if seed is None:  # two 32-bit draws: torch.manual_seed makes runs repeatable
             lo, hi = torch.randint(0, 1 << 32, (2,), dtype=torch.int64).tolist()
@@ -176,7 +190,9 @@ class FSGLD(Optimizer):
         #   step: the counter k of the noise stream, a Python int (never cast by load_state_dict)
         #   applied_sigma: per group, the sigma now added to its weights (0.0: clean)
         #   skipped_steps: steps skipped for non-finite gradients or AMP overflow
-        self._chain: dict[str, Any] = {"step": 0, "applied_sigma": [], "skipped_steps": 0}
+        #   step_t: capturable only, one int64 counter per device, advanced on the device; when
+        #     present it is the authoritative k
+        self._chain: dict[str, Any] = {"step": 0, "applied_sigma": [], "skipped_steps": 0, "step_t": {}}
         super().__init__(params, defaults)
 
     # -- construction --------------------------------------------------------------------
@@ -192,7 +208,7 @@ class FSGLD(Optimizer):
             seen.add(id(p))
         super().add_param_group({**param_group, "params": params})
         group = self.param_groups[-1]
-        _check_hparams(group)
+        _check_hparams(group, self.capturable)
         self._chain["applied_sigma"].append(0.0)
         if group["master_weights"]:  # the weights are clean now: copy them before any perturbation
             for p in params:
@@ -206,8 +222,21 @@ class FSGLD(Optimizer):
 
     @property
     def step_count(self) -> int:
-        """The step counter k: how many successful steps this optimizer has taken."""
+        """The step counter k: how many successful steps this optimizer has taken (with
+        capturable=True it lives on the device and reading it here is a host sync)."""
+        for t in self._chain["step_t"].values():
+            return int(t.item())
         return self._chain["step"]
+
+    def _step_arg(self, device: torch.device, ahead: int = 0) -> tuple[int, Optional[torch.Tensor]]:
+        """(step, step_t) for a kernel call: the host counter, or the device counter (capturable)."""
+        if not self.capturable:
+            return self._chain["step"] + ahead, None
+        counters = self._chain["step_t"]
+        if device not in counters:
+            counters[device] = torch.full((1,), self.step_count, dtype=torch.int64, device=device)
+        t = counters[device]
+        return 0, (t if ahead == 0 else t + ahead)
 
     @property
     def skipped_steps(self) -> int:
@@ -248,21 +277,23 @@ class FSGLD(Optimizer):
     def _master(self, p: torch.Tensor) -> Optional[torch.Tensor]:
         return self.state[p].get("master") if p in self.state else None
 
-    def _shift_params(self, group, params, pids, step: int, sigma: float, perturb: bool) -> None:
-        """Perturb (or restore) params by sigma * eps_step, bucket by bucket; masters make both exact."""
+    def _shift_params(self, group, params, pids, ahead: int, sigma: float, perturb: bool) -> None:
+        """Perturb (or restore) params by sigma * eps_{k+ahead}, bucket by bucket; masters make
+        both exact."""
         masters = [self._master(p) for p in params]
         views = [_local(p) for p in params]
         locals_, offsets = [v[0] for v in views], [v[1] for v in views]
-        for (backend, _, _), (ps, ids, ms, offs) in self._buckets(group, locals_, pids, masters, offsets).items():
+        for (backend, device, _), (ps, ids, ms, offs) in self._buckets(group, locals_, pids, masters, offsets).items():
             ms = ms if ms and ms[0] is not None else []
             fn = backend.ops.perturb_ if perturb else backend.ops.restore_
-            fn(ps, ids, self._seed, step, sigma, offsets=offs, masters=ms)
+            step, step_t = self._step_arg(device, ahead)
+            fn(ps, ids, self._seed, step, sigma, offsets=offs, masters=ms, step_t=step_t)
 
-    def _shift(self, sigmas: list[float], step: int, sign: float) -> None:
-        """Add sign * sigma_g * eps_step to every group g's weights (perturb or restore)."""
+    def _shift(self, sigmas: list[float], sign: float) -> None:
+        """Add sign * sigma_g * eps_k to every group g's weights (perturb or restore)."""
         for gi, group, pids in self._groups_with_pids():
             if sigmas[gi] != 0.0:
-                self._shift_params(group, group["params"], pids, step, sigmas[gi], perturb=sign > 0)
+                self._shift_params(group, group["params"], pids, 0, sigmas[gi], perturb=sign > 0)
 
     # -- perturbation control ------------------------------------------------------------
     @torch.no_grad()
@@ -273,15 +304,15 @@ class FSGLD(Optimizer):
             for g, applied in zip(self.param_groups, self._chain["applied_sigma"])
         ]
         for g in self.param_groups:
-            _check_hparams(g)
-        self._shift(sigmas, self._chain["step"], +1.0)
+            _check_hparams(g, self.capturable)
+        self._shift(sigmas, +1.0)
         applied = self._chain["applied_sigma"]
         self._chain["applied_sigma"] = [a if a != 0.0 else s for a, s in zip(applied, sigmas)]
 
     @torch.no_grad()
     def restore(self) -> None:
         """Subtract exactly the perturbation that was added. Idempotent."""
-        self._shift(self._chain["applied_sigma"], self._chain["step"], -1.0)
+        self._shift(self._chain["applied_sigma"], -1.0)
         self._chain["applied_sigma"] = [0.0] * len(self.param_groups)
 
     @contextlib.contextmanager
@@ -293,7 +324,7 @@ class FSGLD(Optimizer):
             yield
         finally:
             with torch.no_grad():
-                self._shift(applied, self._chain["step"], +1.0)
+                self._shift(applied, +1.0)
             self._chain["applied_sigma"] = applied
 
     # -- the step ------------------------------------------------------------------------
@@ -370,32 +401,36 @@ class FSGLD(Optimizer):
                 self.restore()
                 raise
 
-        k = self._chain["step"]
         plans = []
         for gi, group, pids in self._groups_with_pids():  # validate everything first
-            _check_hparams(group)
+            _check_hparams(group, self.capturable)
             with_grad, no_grad = self._gather_group(group, pids)
             new_sigma = self.group_sigma(group) if group["perturb_ahead"] else 0.0
             n = len(with_grad["params"])
             lists = (with_grad["grads"], with_grad["bufs"] or [None] * n, with_grad["pids"], with_grad["masters"],
                      with_grad["offsets"])
-            plans.append(
-                (
-                    gi,
-                    group,
-                    new_sigma,
-                    self._buckets(group, with_grad["params"], *lists),
-                    no_grad,
-                )
-            )
+            if self.capturable and no_grad["params"]:
+                # No host branch on the device's found_inf: params without a grad take the fused
+                # step with a zero gradient and no update (lr, decay, noise 0), which restores and
+                # re-perturbs them, or changes nothing on an overflow.
+                for p, pid in zip(no_grad["params"], no_grad["pids"]):
+                    local, offset = _local(p)
+                    lists[0].append(torch.zeros_like(local))
+                    lists[1].append(None)
+                    lists[2].append(-1 - pid)  # marks "no update"; the real pid is recovered below
+                    lists[3].append(self._master(p))
+                    lists[4].append(offset)
+                    with_grad["params"].append(local)
+                no_grad = {"params": [], "pids": []}
+            plans.append((gi, group, new_sigma, self._buckets(group, with_grad["params"], *lists), no_grad))
 
         # AMP: GradScaler hands us its scale and overflow flag (and has checked the grads itself).
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        if found_inf is not None:
+        if found_inf is not None and not self.capturable:
             if found_inf.item() != 0.0:  # the same host sync GradScaler's own skip does
                 self._chain["skipped_steps"] += 1
                 return loss  # overflow: weights, perturbation and step counter stay as they are
-        elif self.nonfinite != "ignore" and not self._grads_are_finite(plans):
+        elif found_inf is None and self.nonfinite != "ignore" and not self._grads_are_finite(plans):
             if self.nonfinite == "raise":
                 raise RuntimeError(
                     "FSGLD: non-finite gradient in " + ", ".join(self._nonfinite_names(plans))
@@ -406,33 +441,57 @@ class FSGLD(Optimizer):
 
         for gi, group, new_sigma, stepped, no_grad in plans:
             old_sigma = self._chain["applied_sigma"][gi]
-            noise_std = math.sqrt(2.0 * group["lr"] / group["beta"])
+            lr = group["lr"]
+            lr_t = lr if isinstance(lr, torch.Tensor) else None
+            # with a tensor lr the kernel computes sqrt(2 / beta) * sqrt(lr) on the device
+            noise_std = math.sqrt(2.0 / group["beta"]) if lr_t is not None else math.sqrt(2.0 * lr / group["beta"])
             for (backend, device, _), (ps, gs, bufs, ids, ms, offs) in stepped.items():
                 scale = None if grad_scale is None else grad_scale.to(device=device, dtype=torch.float32)
-                backend.ops.fused_step_(
-                    ps,
-                    gs,
-                    bufs if group["momentum"] != 0.0 else [],
-                    ids,
-                    self._seed,
-                    k,
-                    group["lr"],
-                    group["weight_decay"],
-                    group["momentum"],
-                    noise_std,
-                    old_sigma,
-                    new_sigma,
-                    offsets=offs,
-                    masters=ms if ms[0] is not None else [],
-                    grad_scale=scale,
-                )
+                inf = None if found_inf is None else found_inf.to(device=device, dtype=torch.float32)
+                step, step_t = self._step_arg(device)
+                if lr_t is not None and lr_t.device != device:
+                    raise ValueError(f"a Tensor lr must live on the params' device ({device}), not {lr_t.device}")
+                masters = ms if ms[0] is not None else []
+                update = [i >= 0 for i in ids]
+                for sel, coeffs in ((True, None), (False, 0.0)):  # stepped params, then grad-less ones
+                    idx = [j for j, u in enumerate(update) if u == sel]
+                    if not idx:
+                        continue
+                    pick = lambda xs: [xs[j] for j in idx]  # noqa: E731
+                    backend.ops.fused_step_(
+                        pick(ps),
+                        pick(gs),
+                        pick(bufs) if group["momentum"] != 0.0 and sel else [],
+                        [i if i >= 0 else -1 - i for i in pick(ids)],
+                        self._seed,
+                        step,
+                        group["lr"] if sel and lr_t is None else 0.0,
+                        group["weight_decay"] if sel else 0.0,
+                        group["momentum"] if sel else 0.0,
+                        noise_std if sel else 0.0,
+                        old_sigma,
+                        new_sigma,
+                        offsets=pick(offs),
+                        masters=pick(masters) if masters else [],
+                        grad_scale=scale if sel else None,
+                        found_inf=inf if self.capturable else None,
+                        step_t=step_t,
+                        lr_t=lr_t if sel else None,
+                    )
             if no_grad["params"]:  # no grad: no update, no noise; the perturbation still moves on
                 if old_sigma != 0.0:
-                    self._shift_params(group, no_grad["params"], no_grad["pids"], k, old_sigma, perturb=False)
+                    self._shift_params(group, no_grad["params"], no_grad["pids"], 0, old_sigma, perturb=False)
                 if new_sigma != 0.0:
-                    self._shift_params(group, no_grad["params"], no_grad["pids"], k + 1, new_sigma, perturb=True)
+                    self._shift_params(group, no_grad["params"], no_grad["pids"], 1, new_sigma, perturb=True)
             self._chain["applied_sigma"][gi] = new_sigma
-        self._chain["step"] = k + 1
+        if self.capturable:  # advanced on the device: k + 1, or k again after an AMP overflow
+            for device, t in self._chain["step_t"].items():
+                if found_inf is None:
+                    t.add_(1)
+                else:
+                    t.add_(1 - found_inf.to(device=device, dtype=torch.int64).reshape(1))
+        else:
+            self._chain["step"] += 1
         return loss
 
     # -- checkpoints ---------------------------------------------------------------------
@@ -441,7 +500,7 @@ class FSGLD(Optimizer):
         # Plain Python ints and floats: load_state_dict's dtype casting never touches them.
         sd["fsgld"] = {
             "seed": self._seed,
-            "step": self._chain["step"],
+            "step": self.step_count,
             "applied_sigma": list(self._chain["applied_sigma"]),
             "skipped_steps": self._chain["skipped_steps"],
         }
@@ -485,6 +544,8 @@ class FSGLD(Optimizer):
                         self.state[p][key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True)
         self._seed = seed
         self._chain.update(step=step, applied_sigma=applied, skipped_steps=int(extra.get("skipped_steps", 0)))
+        for t in self._chain["step_t"].values():  # in place: a captured graph keeps its pointer
+            t.fill_(step)
 
     def __repr__(self) -> str:
         return super().__repr__().replace("FSGLD (", f"FSGLD (seed={self._seed}, step={self.step_count}", 1)

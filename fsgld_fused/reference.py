@@ -111,8 +111,11 @@ def perturb_(
     sigma: float,
     offsets: Optional[Sequence[int]] = None,
     masters: Sequence[torch.Tensor] = (),
+    step_t: Optional[torch.Tensor] = None,
 ) -> None:
-    """theta += sigma * eps_step. With fp32 masters: theta = round(master + sigma * eps_step)."""
+    """theta += sigma * eps_step. With fp32 masters: theta = round(master + sigma * eps_step).
+    step_t (capturable form): a one-element int64 tensor that replaces `step`."""
+    step = step if step_t is None else int(step_t)
     offs = _offsets(params, offsets)
     for i, (p, pid, off) in enumerate(zip(params, param_ids, offs)):
         clean = masters[i] if masters else p.to(_math_dtype(p))
@@ -128,13 +131,14 @@ def restore_(
     sigma: float,
     offsets: Optional[Sequence[int]] = None,
     masters: Sequence[torch.Tensor] = (),
+    step_t: Optional[torch.Tensor] = None,
 ) -> None:
     """Undo perturb_ (same seed, step, sigma): theta -= sigma * eps_step; with masters, copy back."""
     if masters:
         for p, m in zip(params, masters):
             p.copy_(m)
         return
-    perturb_(params, param_ids, seed, step, -sigma, offsets)
+    perturb_(params, param_ids, seed, step, -sigma, offsets, step_t=step_t)
 
 
 def fused_step_(
@@ -154,15 +158,24 @@ def fused_step_(
     masters: Sequence[torch.Tensor] = (),
     grad_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
+    step_t: Optional[torch.Tensor] = None,
+    lr_t: Optional[torch.Tensor] = None,
 ) -> None:
     """SPEC section 3 for every tensor of the list; math in float32 (float64 params: float64).
 
     momentum_buffers: empty when momentum == 0, else one zero-initialised buffer per param.
     masters: empty, or one fp32 master per (low-precision) param; the master is never perturbed.
     restore_sigma / perturb_sigma: 0 means "not perturbed" / "do not perturb ahead".
+    Capturable form: step_t (int64) replaces `step`; lr_t (float32) replaces `lr`, and the
+    Langevin std is then float32(noise_std) * sqrt(lr_t) (pass noise_std = sqrt(2 / beta)).
     """
     if found_inf is not None and float(found_inf) != 0.0:
         return  # AMP overflow: nothing changes, not even the perturbation
+    if step_t is not None:
+        step = int(step_t)
+    if lr_t is not None:
+        lr_f32 = lr_t.float().reshape(())
+        lr, noise_std = float(lr_f32), float(torch.tensor(noise_std, dtype=torch.float32) * torch.sqrt(lr_f32))
     inv_scale = None if grad_scale is None else 1.0 / grad_scale.float()
     offs = _offsets(params, offsets)
     for i, (p, g, pid, off) in enumerate(zip(params, grads, param_ids, offs)):

@@ -89,8 +89,9 @@ def _fused_step_kernel(
     chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr,
     param_addr, grad_addr, buf_addr, master_addr,
     seed, step, lr, weight_decay, momentum, noise_std, restore_sigma, perturb_sigma,
-    grad_scale_ptr, found_inf_ptr,
+    grad_scale_ptr, found_inf_ptr, step_ptr, lr_ptr,
     P_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr, P_SOFT: tl.constexpr, B_SOFT: tl.constexpr,
+    HAS_STEP_T: tl.constexpr, HAS_LR_T: tl.constexpr,
     HAS_MASTER: tl.constexpr, HAS_MOMENTUM: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     RESTORE: tl.constexpr, NOISE: tl.constexpr, AHEAD: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -98,6 +99,11 @@ def _fused_step_kernel(
     if HAS_FOUND_INF:
         if tl.load(found_inf_ptr) != 0.0:
             return  # AMP overflow: nothing changes
+    if HAS_STEP_T:  # capturable: the counter lives on the device, so graph replays advance it
+        step = tl.load(step_ptr)
+    if HAS_LR_T:
+        lr = tl.load(lr_ptr)
+        noise_std = noise_std * tl.sqrt(lr)
     t, blk, idx, mask, pid = _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr, BLOCK)
     p_ptr = tl.load(param_addr + t).to(tl.pointer_type(P_DTYPE))
     g_ptr = tl.load(grad_addr + t).to(tl.pointer_type(P_DTYPE))
@@ -131,8 +137,11 @@ def _fused_step_kernel(
 @triton.jit(do_not_specialize=["seed", "step"])
 def _perturb_kernel(
     chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr, param_addr, master_addr,
-    seed, step, sigma, P_DTYPE: tl.constexpr, P_SOFT: tl.constexpr, HAS_MASTER: tl.constexpr, BLOCK: tl.constexpr,
+    seed, step, sigma, step_ptr, P_DTYPE: tl.constexpr, P_SOFT: tl.constexpr, HAS_MASTER: tl.constexpr,
+    HAS_STEP_T: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
+    if HAS_STEP_T:
+        step = tl.load(step_ptr)
     t, blk, idx, mask, pid = _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr, BLOCK)
     p_ptr = tl.load(param_addr + t).to(tl.pointer_type(P_DTYPE))
     if HAS_MASTER:
@@ -223,8 +232,17 @@ def _table(params, grads, bufs, masters, param_ids, offsets, block):
         chunk_tensor += [i] * chunks
         chunk_index += list(range(chunks))
 
+    host_buffers = []
+
     def as_dev(xs):
-        return torch.tensor(list(xs) if len(xs) else [0], dtype=torch.int64, device=device)
+        host = torch.tensor(list(xs) if len(xs) else [0], dtype=torch.int64)
+        if device.type != "cuda":
+            return host.to(device)
+        # pinned + non_blocking: also legal while a CUDA graph is being captured; the cache entry
+        # keeps the host buffer alive for the replays
+        host = host.pin_memory()
+        host_buffers.append(host)
+        return host.to(device, non_blocking=True)
 
     empty = [0] * len(params)
     hit = (
@@ -238,6 +256,7 @@ def _table(params, grads, bufs, masters, param_ids, offsets, block):
         as_dev([g.data_ptr() for g in grads] or empty),
         as_dev([b.data_ptr() for b in bufs] or empty),
         as_dev([m.data_ptr() for m in masters] or empty),
+        host_buffers,
     )
     _TABLES[key] = hit
     if len(_TABLES) > _MAX_TABLES:
@@ -266,8 +285,8 @@ def _offsets(params, offsets):
 
 
 def _launch_step(params, grads, bufs, masters, param_ids, offsets, seed, step, lr, weight_decay, momentum,
-                 noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, block, warps):
-    n_chunks, *tab = _table(params, grads, bufs, masters, param_ids, offsets, block)
+                 noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, block, warps, step_t=None, lr_t=None):
+    n_chunks, *tab, _ = _table(params, grads, bufs, masters, param_ids, offsets, block)
     if n_chunks == 0:
         return
     dummy = tab[0]
@@ -276,9 +295,11 @@ def _launch_step(params, grads, bufs, masters, param_ids, offsets, seed, step, l
         seed, step, float(lr), float(weight_decay), float(momentum), float(noise_std),
         float(restore_sigma), float(perturb_sigma),
         grad_scale if grad_scale is not None else dummy, found_inf if found_inf is not None else dummy,
+        step_t if step_t is not None else dummy, lr_t if lr_t is not None else dummy,
         P_DTYPE=_TL_DTYPE[params[0].dtype],
         B_DTYPE=tl.float32 if masters else _TL_DTYPE[params[0].dtype],
         P_SOFT=_soft_bf16(params[0].dtype), B_SOFT=not masters and _soft_bf16(params[0].dtype),
+        HAS_STEP_T=step_t is not None, HAS_LR_T=lr_t is not None,
         HAS_MASTER=bool(masters), HAS_MOMENTUM=momentum != 0.0, HAS_SCALE=grad_scale is not None,
         HAS_FOUND_INF=found_inf is not None, RESTORE=restore_sigma != 0.0 and not masters,
         NOISE=noise_std != 0.0, AHEAD=perturb_sigma != 0.0, WEIGHT_DECAY=weight_decay != 0.0,
@@ -287,32 +308,34 @@ def _launch_step(params, grads, bufs, masters, param_ids, offsets, seed, step, l
 
 
 # ---- the backend's face: the reference's signatures ---------------------------------------------
-def perturb_(params, param_ids, seed, step, sigma, offsets=None, masters: Sequence[torch.Tensor] = ()):
+def perturb_(params, param_ids, seed, step, sigma, offsets=None, masters: Sequence[torch.Tensor] = (), step_t=None):
     params, masters, offsets = list(params), list(masters), _offsets(params, offsets)
     _check(params, list(param_ids), offsets, masters)
     if not params:
         return
     block, warps = _tuned_block(params[0].device, params[0].dtype, sum(p.numel() for p in params))
-    n_chunks, chunk_t, chunk_i, numel, offs, pids, p_addr, _, _, m_addr = _table(
+    n_chunks, chunk_t, chunk_i, numel, offs, pids, p_addr, _, _, m_addr, _ = _table(
         params, [], [], masters, list(param_ids), offsets, block
     )
     if n_chunks:
         _perturb_kernel[(n_chunks,)](chunk_t, chunk_i, numel, offs, pids, p_addr, m_addr, seed, step, float(sigma),
+                                     step_t if step_t is not None else chunk_t,
                                      P_DTYPE=_TL_DTYPE[params[0].dtype], P_SOFT=_soft_bf16(params[0].dtype),
-                                     HAS_MASTER=bool(masters), BLOCK=block,
+                                     HAS_MASTER=bool(masters), HAS_STEP_T=step_t is not None, BLOCK=block,
                                      num_warps=warps)
 
 
-def restore_(params, param_ids, seed, step, sigma, offsets=None, masters: Sequence[torch.Tensor] = ()):
+def restore_(params, param_ids, seed, step, sigma, offsets=None, masters: Sequence[torch.Tensor] = (), step_t=None):
     if masters:  # the master is the clean weight: copying it back is the exact restore
         torch._foreach_copy_(list(params), list(masters))
         return
-    perturb_(params, param_ids, seed, step, -sigma, offsets)
+    perturb_(params, param_ids, seed, step, -sigma, offsets, step_t=step_t)
 
 
 def fused_step_(params, grads, momentum_buffers, param_ids, seed, step, lr, weight_decay, momentum, noise_std,
                 restore_sigma, perturb_sigma, offsets=None, masters: Sequence[torch.Tensor] = (),
-                grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None):
+                grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None,
+                step_t: Optional[torch.Tensor] = None, lr_t: Optional[torch.Tensor] = None):
     params, masters, offsets = list(params), list(masters), _offsets(params, offsets)
     grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
     bufs = list(momentum_buffers)
@@ -323,7 +346,7 @@ def fused_step_(params, grads, momentum_buffers, param_ids, seed, step, lr, weig
         return
     block, warps = _tuned_block(params[0].device, params[0].dtype, sum(p.numel() for p in params))
     _launch_step(params, grads, bufs, masters, list(param_ids), offsets, seed, step, lr, weight_decay, momentum,
-                 noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, block, warps)
+                 noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, block, warps, step_t, lr_t)
 
 
 def normals(seed, pid, step, kind, numel, offset=0, device="cpu"):

@@ -1,6 +1,8 @@
 """Every kernel backend that runs on CPU (the C++ CPU kernel; Triton through its interpreter)
 against the reference, element by element within the SPEC tolerance."""
 
+import math
+
 import pytest
 import torch
 
@@ -211,3 +213,22 @@ def test_strided_parameters_work_on_the_reference_backend():
         p.grad = grad.clone()
         opt.step()
     assert torch.equal(w.detach(), c.detach())  # noise follows the logical row-major order
+
+
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
+def test_capturable_form_reads_step_and_lr_from_tensors(backend):
+    """step_t / lr_t replace step / lr; the Langevin std becomes noise_std * sqrt(lr_t)."""
+    ext = R if backend == "reference" else ops(backend)
+    sizes = [0, 5, 1023]
+    params, grads = make(sizes, torch.float32), make(sizes, torch.float32)
+    expected = [p.clone() for p in params]
+    ids, lr, beta = [0, 1, 2], 0.02, 300.0
+    R.fused_step_(expected, grads, [], ids, 9, 41, lr, 1e-3, 0.0, math.sqrt(2 * lr / beta), 0.05, 0.05)
+    ext.fused_step_(params, grads, [], ids, 9, 0, 0.0, 1e-3, 0.0, math.sqrt(2 / beta), 0.05, 0.05,
+                    step_t=torch.tensor([41]), lr_t=torch.tensor([lr]))
+    for a, b in zip(params, expected):
+        assert_step_close(a, b, 0.1 + math.sqrt(2 * lr / beta), atol_extra=1e-7)
+    R.perturb_(expected, ids, 9, 42, 0.05)
+    ext.perturb_(params, ids, 9, 0, 0.05, step_t=torch.tensor([42]))
+    for a, b in zip(params, expected):
+        assert_step_close(a, b, 0.2 + math.sqrt(2 * lr / beta), atol_extra=1e-7)
