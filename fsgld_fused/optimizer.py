@@ -132,6 +132,9 @@ class FSGLD(Optimizer):
         nonfinite: without a GradScaler, what a non-finite gradient does: "raise" (default) a
             RuntimeError naming the parameters, "skip" the step (nothing changes; counted in
             `skipped_steps`), or "ignore" (no check: one pass over the gradients fewer).
+        capturable: keep the step counter in a tensor on the params' device, advanced there (and
+            accept a one-element float32 Tensor lr), so a CUDA graph of the step replays with fresh
+            noise; needs nonfinite="ignore".
 
     With `torch.amp.GradScaler`, the scaled gradients are unscaled inside the fused step and an
     overflow changes nothing (weights, perturbation, step counter); the scaler's own inf check
