@@ -99,6 +99,11 @@ def _fused_step_kernel(
     if HAS_FOUND_INF:
         if tl.load(found_inf_ptr) != 0.0:
             return  # AMP overflow: nothing changes
+    # Eager Triton passes Python floats as fp32, Inductor as fp64 (which halved throughput in
+    # other kernels): fix the arithmetic to fp32 either way.
+    lr, weight_decay = tl.cast(lr, tl.float32), tl.cast(weight_decay, tl.float32)
+    momentum, noise_std = tl.cast(momentum, tl.float32), tl.cast(noise_std, tl.float32)
+    restore_sigma, perturb_sigma = tl.cast(restore_sigma, tl.float32), tl.cast(perturb_sigma, tl.float32)
     if HAS_STEP_T:  # capturable: the counter lives on the device, so graph replays advance it
         step = tl.load(step_ptr)
     if HAS_LR_T:
@@ -142,6 +147,7 @@ def _perturb_kernel(
 ):  # fmt: skip
     if HAS_STEP_T:
         step = tl.load(step_ptr)
+    sigma = tl.cast(sigma, tl.float32)  # fp64 under Inductor, fp32 in eager
     t, blk, idx, mask, pid = _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr, BLOCK)
     p_ptr = tl.load(param_addr + t).to(tl.pointer_type(P_DTYPE))
     if HAS_MASTER:
