@@ -46,28 +46,23 @@ def make_tensors(total: int, layout: str, device, dtype=torch.float32):
     return params, grads
 
 
-# ---- timing -----------------------------------------------------------------------------------------
-def time_step(fn: Callable[[], object], device: torch.device, repeat: int, warmup: int = 2) -> list[float]:
-    return time_fn(fn, device, warmup=warmup, repeat=repeat)
-
-
 def copy_bandwidth(device: torch.device, numel: int, repeat: int) -> float:
     """Measured device copy bandwidth in GB/s, counting bytes read plus bytes written."""
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
-    times = time_step(lambda: dst.copy_(src), device, repeat)
+    times = time_fn(lambda: dst.copy_(src), device, repeat=repeat)
     return 2 * 4 * numel / statistics.median(times) / 1e9
 
 
 def normals_rate(device: torch.device, numel: int, repeat: int) -> dict[str, float]:
     """Normal variates per second: our stream (cpu or cuda kernel) against torch.randn."""
     out = torch.empty(numel, device=device)
-    rates = {"torch.randn": numel / statistics.median(time_step(lambda: torch.randn(numel, out=out), device, repeat))}
+    rates = {"torch.randn": numel / statistics.median(time_fn(lambda: torch.randn(numel, out=out), device, repeat=repeat))}
     name = "cpu" if device.type == "cpu" else "cuda"
     if _backends.available_backends()[name] is None:
         ops = _backends.resolve(name, device, torch.float32).ops
         fn = lambda: torch.ops.fsgld.normals_(out, 1, 0, 0, 0, 0)  # noqa: E731
-        rates[f"fsgld {name} kernel"] = numel / statistics.median(time_step(fn, device, repeat))
+        rates[f"fsgld {name} kernel"] = numel / statistics.median(time_fn(fn, device, repeat=repeat))
         del ops
     return rates
 
@@ -159,7 +154,7 @@ def run(args: argparse.Namespace) -> dict:
                 row = {"layout": layout, "params": numel, "tensors": len(params), "variant": name}
                 try:
                     step = factory()
-                    times = time_step(step, device, repeat)
+                    times = time_fn(step, device, repeat=repeat)
                     med = statistics.median(times)
                     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [med, med, med]
                     row.update(median_s=med, iqr_s=q[2] - q[0], min_s=min(times),

@@ -70,6 +70,16 @@ def _round_to(x, DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
 
 
 @triton.jit
+def _load_clean(p_ptr, master_addr, t, idx, mask, HAS_MASTER: tl.constexpr):
+    """The unperturbed weight in float32: the fp32 master if there is one, else the param."""
+    if HAS_MASTER:
+        m_ptr = tl.load(master_addr + t).to(tl.pointer_type(tl.float32))
+        return tl.load(m_ptr + idx, mask=mask, other=0.0)
+    else:
+        return tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr, BLOCK: tl.constexpr):
     """This program's tensor, its Philox blocks, local element indices [BLOCK, 4] and mask."""
     prog = tl.program_id(0)
@@ -112,13 +122,9 @@ def _fused_step_kernel(
     t, blk, idx, mask, pid = _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr, BLOCK)
     p_ptr = tl.load(param_addr + t).to(tl.pointer_type(P_DTYPE))
     g_ptr = tl.load(grad_addr + t).to(tl.pointer_type(P_DTYPE))
-    if HAS_MASTER:
-        m_ptr = tl.load(master_addr + t).to(tl.pointer_type(tl.float32))
-        theta = tl.load(m_ptr + idx, mask=mask, other=0.0)
-    else:
-        theta = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        if RESTORE:
-            theta = theta - restore_sigma * _normals(seed, blk, step, pid * 2)
+    theta = _load_clean(p_ptr, master_addr, t, idx, mask, HAS_MASTER)
+    if RESTORE:  # only without masters: the master is never perturbed
+        theta = theta - restore_sigma * _normals(seed, blk, step, pid * 2)
     d = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     if HAS_SCALE:
         d = d * (1.0 / tl.load(grad_scale_ptr))
@@ -133,7 +139,7 @@ def _fused_step_kernel(
     if NOISE:
         theta = theta + noise_std * _normals(seed, blk, step, pid * 2 + 1)
     if HAS_MASTER:
-        tl.store(m_ptr + idx, theta, mask=mask)
+        tl.store(tl.load(master_addr + t).to(tl.pointer_type(tl.float32)) + idx, theta, mask=mask)
     if AHEAD:
         theta = theta + perturb_sigma * _normals(seed, blk, step + 1, pid * 2)
     tl.store(p_ptr + idx, _round_to(theta, P_DTYPE, P_SOFT), mask=mask)
@@ -150,11 +156,7 @@ def _perturb_kernel(
     sigma = tl.cast(sigma, tl.float32)  # fp64 under Inductor, fp32 in eager
     t, blk, idx, mask, pid = _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr, BLOCK)
     p_ptr = tl.load(param_addr + t).to(tl.pointer_type(P_DTYPE))
-    if HAS_MASTER:
-        m_ptr = tl.load(master_addr + t).to(tl.pointer_type(tl.float32))
-        clean = tl.load(m_ptr + idx, mask=mask, other=0.0)
-    else:
-        clean = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    clean = _load_clean(p_ptr, master_addr, t, idx, mask, HAS_MASTER)
     tl.store(p_ptr + idx, _round_to(clean + sigma * _normals(seed, blk, step, pid * 2), P_DTYPE, P_SOFT), mask=mask)
 
 
