@@ -81,46 +81,61 @@ FSGLD_HD void philox4x32_10(V& c0, V& c1, V& c2, V& c3, uint32_t k0, uint32_t k1
 }
 
 // ---- uniform and Box-Muller --------------------------------------------------------------------
-// Odd multiples of 2**-24: exact in float32, never 0 or 1.
-FSGLD_HD float uniform01(uint32_t w) { return (float)(((w >> 9) << 1) | 1u) * 5.9604644775390625e-8f; }
+// Odd multiples of 2**-24: exact in float32, never 0 or 1. (w >> 8) | 1 is SPEC's 2 * (w >> 9) + 1
+// in one instruction fewer.
+FSGLD_HD float uniform01(uint32_t w) { return (float)((w >> 8) | 1u) * 5.9604644775390625e-8f; }
 
-// log(x) for normal positive floats (here x in (0, 1)); Cephes logf, branch-free.
+// a * b + c with one rounding, the same on every compiled backend (CPU code gets vfmadd where the
+// target has FMA; nvcc's fmaf is the hardware FMA). Only the log/sin/cos polynomials use it: SPEC
+// section 3's update keeps separate float32 roundings.
+FSGLD_HD float fmadd(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return __builtin_fmaf(a, b, c);
+#endif
+}
+
+// log(x) for normal positive floats (here x in (0, 1): no sign bit); Cephes logf, branch-free.
 FSGLD_HD float log_f32(float x) {
   const uint32_t bits = float_to_bits(x);
-  int e = (int)((bits >> 23) & 0xFFu) - 126;
+  int e = (int)(bits >> 23) - 126;
   float m = bits_to_float((bits & 0x807FFFFFu) | 0x3F000000u);  // m in [0.5, 1)
   const bool small = m < 0.707106781186547524f;
   e -= small ? 1 : 0;
   m = (small ? m + m : m) - 1.0f;
   const float z = m * m;
   float y = 7.0376836292e-2f;
-  y = y * m - 1.1514610310e-1f;
-  y = y * m + 1.1676998740e-1f;
-  y = y * m - 1.2420140846e-1f;
-  y = y * m + 1.4249322787e-1f;
-  y = y * m - 1.6668057665e-1f;
-  y = y * m + 2.0000714765e-1f;
-  y = y * m - 2.4999993993e-1f;
-  y = y * m + 3.3333331174e-1f;
+  y = fmadd(y, m, -1.1514610310e-1f);
+  y = fmadd(y, m, 1.1676998740e-1f);
+  y = fmadd(y, m, -1.2420140846e-1f);
+  y = fmadd(y, m, 1.4249322787e-1f);
+  y = fmadd(y, m, -1.6668057665e-1f);
+  y = fmadd(y, m, 2.0000714765e-1f);
+  y = fmadd(y, m, -2.4999993993e-1f);
+  y = fmadd(y, m, 3.3333331174e-1f);
   y = y * m * z;
   const float fe = (float)e;
-  y += fe * -2.12194440e-4f;
-  y += -0.5f * z;
-  return (m + y) + fe * 0.693359375f;
+  y = fmadd(fe, -2.12194440e-4f, y);
+  y = fmadd(-0.5f, z, y);
+  return fmadd(fe, 0.693359375f, m + y);
 }
 
 // sin(t) and cos(t) for t in [0, 2*pi]: Cody-Waite reduction by pi/2, Cephes polynomials.
 FSGLD_HD void sincos_f32(float t, float* s, float* c) {
-  const float q = (float)(int)(t * 0.636619772367581343f + 0.5f);  // nearest quadrant, t >= 0
-  const float r = ((t - q * 1.5703125f) - q * 4.837512969970703125e-4f) - q * 7.54978995489188216e-8f;
+  const int qi = (int)fmadd(t, 0.636619772367581343f, 0.5f);  // nearest quadrant, t >= 0
+  const float q = (float)qi;
+  const float r = fmadd(-q, 7.54978995489188216e-8f, fmadd(-q, 4.837512969970703125e-4f, fmadd(-q, 1.5703125f, t)));
   const float z = r * r;
-  const float sp = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * r + r;
-  const float cp = ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z - 0.5f * z + 1.0f;
-  const int qi = (int)q;
+  const float sp = fmadd(fmadd(fmadd(-1.9515295891e-4f, z, 8.3321608736e-3f), z, -1.6666654611e-1f) * z, r, r);
+  const float cp =
+      fmadd(fmadd(fmadd(2.443315711809948e-5f, z, -1.388731625493765e-3f), z, 4.166664568298827e-2f) * z, z,
+            fmadd(-0.5f, z, 1.0f));
   const float sv = (qi & 1) ? cp : sp;
   const float cv = (qi & 1) ? sp : cp;
-  *s = (qi & 2) ? -sv : sv;
-  *c = ((qi + 1) & 2) ? -cv : cv;
+  // Sign flips as xors of the sign bit (quadrants 2, 3 for sin; 1, 2 for cos): no selects.
+  *s = bits_to_float(float_to_bits(sv) ^ ((uint32_t)(qi & 2) << 30));
+  *c = bits_to_float(float_to_bits(cv) ^ ((uint32_t)((qi + 1) & 2) << 30));
 }
 
 FSGLD_HD void box_muller(float a, float b, float* n0, float* n1) {
