@@ -248,6 +248,15 @@ void step_chunk(S* __restrict p, const S* __restrict g, B* __restrict buf, float
   }
 }
 
+// Asks for a chunk's data (into L2) before its noise is filled: the fill is ~2 us of arithmetic
+// without loads, time the memory system otherwise spends idle. 66.5M params in 96 tensors:
+// 139.7 -> 132.7 ms a step (mean of 6 interleaved medians; into L1, or without write intent, no gain).
+template <bool kWrite, typename T>
+inline void prefetch_l2(const T* x, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(x);
+  for (int64_t b = 0; b < n * (int64_t)sizeof(T); b += 64) __builtin_prefetch(c + b, kWrite ? 1 : 0, 1);
+}
+
 template <typename S, typename B, bool kMaster>
 void step_chunk_dispatch(S* p, const S* g, B* buf, float* master, const float* eps_k, const float* xi,
                          const float* eps_n, int64_t n, const StepCoeffs<math_t<S>>& c) {
@@ -289,6 +298,11 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
       S* p = params[t].data_ptr<S>() + i0;
       const S* g = grads[t].data_ptr<S>() + i0;
       float* master = has_master ? masters[t].data_ptr<float>() + i0 : nullptr;
+      if (restore || noise || ahead) {
+        if (has_master) prefetch_l2<true>(master, len);
+        prefetch_l2<true>(p, len);
+        prefetch_l2<false>(g, len);
+      }
       NoiseBuf b_eps_k, b_xi, b_eps_n;
       const uint64_t sd = seed_bits(seed);
       const int64_t g0 = offsets[t] + i0;
