@@ -1,5 +1,5 @@
 // fsgld_ops.h: the host-side argument checks shared by the CPU and CUDA kernels of the fsgld::
-// ops (the schemas are in fsgld_ops.cpp). Python-side checks live in fsgld_fused/optimizer.py;
+// ops (the schemas are in fsgld_schemas.h). Python-side checks live in fsgld_fused/optimizer.py;
 // these guard direct torch.ops.fsgld calls and give the same kind of message.
 #pragma once
 

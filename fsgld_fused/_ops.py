@@ -38,43 +38,45 @@ def _offsets(params, offsets):
 
 
 class ExtensionOps:
-    """perturb_ / restore_ / fused_step_ on torch.ops.fsgld (the dispatcher picks CPU or CUDA)."""
+    """perturb_ / restore_ / fused_step_ on torch.ops.<namespace> (the dispatcher picks CPU or CUDA).
 
-    @staticmethod
-    def perturb_(params, param_ids, seed, step, sigma, offsets=None, masters: Sequence[torch.Tensor] = (),
+    `namespace` is "fsgld"; the tests also bind it to the CPU emulation of the CUDA kernels, which
+    defines the same schemas under another name (tests/cuda_emulation.cpp).
+    """
+
+    def __init__(self, namespace: str = "fsgld"):
+        self.lib = getattr(torch.ops, namespace)
+
+    def perturb_(self, params, param_ids, seed, step, sigma, offsets=None, masters: Sequence[torch.Tensor] = (),
                  step_t=None):
-        torch.ops.fsgld.perturb_(list(params), list(masters), list(param_ids), _offsets(params, offsets),
-                                 _seed_arg(seed), step, sigma, step_t)
+        self.lib.perturb_(list(params), list(masters), list(param_ids), _offsets(params, offsets),
+                          _seed_arg(seed), step, sigma, step_t)
 
-    @staticmethod
-    def restore_(params, param_ids, seed, step, sigma, offsets=None, masters: Sequence[torch.Tensor] = (),
+    def restore_(self, params, param_ids, seed, step, sigma, offsets=None, masters: Sequence[torch.Tensor] = (),
                  step_t=None):
         if masters:  # the master is the clean weight: copying it back is the exact restore
             torch._foreach_copy_(list(params), list(masters))
             return
-        ExtensionOps.perturb_(params, param_ids, seed, step, -sigma, offsets, step_t=step_t)
+        self.perturb_(params, param_ids, seed, step, -sigma, offsets, step_t=step_t)
 
-    @staticmethod
-    def fused_step_(params, grads, momentum_buffers, param_ids, seed, step, lr, weight_decay, momentum,
+    def fused_step_(self, params, grads, momentum_buffers, param_ids, seed, step, lr, weight_decay, momentum,
                     noise_std, restore_sigma, perturb_sigma, offsets=None, masters: Sequence[torch.Tensor] = (),
                     grad_scale=None, found_inf=None, step_t=None, lr_t=None):
         grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
-        torch.ops.fsgld.fused_step_(list(params), grads, list(momentum_buffers), list(masters), list(param_ids),
-                                    _offsets(params, offsets), _seed_arg(seed), step, lr, weight_decay, momentum,
-                                    noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, step_t, lr_t)
+        self.lib.fused_step_(list(params), grads, list(momentum_buffers), list(masters), list(param_ids),
+                             _offsets(params, offsets), _seed_arg(seed), step, lr, weight_decay, momentum,
+                             noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, step_t, lr_t)
 
-    @staticmethod
-    def normals(seed, pid, step, kind, numel, offset=0, device="cpu"):
+    def normals(self, seed, pid, step, kind, numel, offset=0, device="cpu"):
         out = torch.empty(numel, dtype=torch.float32, device=device)
-        torch.ops.fsgld.normals_(out, _seed_arg(seed), pid, step, kind, offset)
+        self.lib.normals_(out, _seed_arg(seed), pid, step, kind, offset)
         return out
 
-
-    @staticmethod
-    def philox_words(seed, pid, step, kind, first_block, nblocks, device="cpu"):
+    def philox_words(self, seed, pid, step, kind, first_block, nblocks, device="cpu"):
         out = torch.empty(nblocks, 4, dtype=torch.int32, device=device)
-        torch.ops.fsgld.philox_words_(out, _seed_arg(seed), pid, step, kind, first_block)
+        self.lib.philox_words_(out, _seed_arg(seed), pid, step, kind, first_block)
         return out
 
 
+# One object for both devices: the dispatcher routes on the tensors' device.
 cpu_ops = cuda_ops = ExtensionOps()

@@ -1,0 +1,296 @@
+// fsgld_cuda_kernels.cuh: the CUDA kernels of the fsgld:: ops and the host code that feeds them.
+//
+// Multi-tensor apply in the style of apex / ATen: the tensor addresses and a (tensor, chunk) list
+// travel by value as one kernel argument (CUDA 12.1+ allows 32 KB of arguments on sm_70+, so a
+// launch covers up to kMaxTensors tensors and kMaxChunks chunks: far fewer launches than the
+// classic 4 KB tables). Every thread owns whole Philox blocks (four consecutive global elements),
+// so each random draw is keyed on the element index, never on the thread: aligned and unaligned
+// tensors, and shards with any global offset, draw the same stream.
+//
+// Nothing here needs the CUDA runtime: fsgld_cuda.cu launches these kernels on the GPU, and the
+// test suite compiles this file with the host compiler and runs every kernel on the CPU, one
+// simulated thread after another (tests/cuda_emulation.cpp), so the indexing, table packing and
+// vector/tail paths are executed and checked against the reference on machines without a GPU.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <optional>
+
+#include "fsgld_math.h"
+#include "fsgld_ops.h"
+
+namespace fsgld {
+namespace cuda_kernels {
+
+constexpr int kThreads = 256;
+constexpr int kBlocksPerThread = 4;  // Philox blocks (of 4 elements) per thread per chunk
+constexpr int64_t kChunkBlocks = (int64_t)kThreads * kBlocksPerThread;  // 4096 elements per chunk
+constexpr int kMaxTensors = 160;
+constexpr int kMaxChunks = 2048;
+
+struct TensorTable {
+  void* param[kMaxTensors];
+  const void* grad[kMaxTensors];
+  void* buf[kMaxTensors];
+  float* master[kMaxTensors];
+  int64_t numel[kMaxTensors];
+  int64_t offset[kMaxTensors];  // global element index of element 0 (shards)
+  uint32_t pid[kMaxTensors];
+  uint8_t aligned[kMaxTensors];  // every pointer 4-element aligned and offset % 4 == 0: vector access
+  uint16_t chunk_tensor[kMaxChunks];
+  int32_t chunk_index[kMaxChunks];
+};
+static_assert(sizeof(TensorTable) + 256 < 32764, "kernel arguments must fit in 32 KB");
+
+struct Scalars {
+  uint64_t seed;
+  int64_t step;
+  float lr, weight_decay, momentum, noise_std, restore_sigma, perturb_sigma, sigma;
+  const float* grad_scale;  // device scalar or null
+  const float* found_inf;   // device scalar or null
+  const int64_t* step_t;    // capturable: device step counter (replaces step) or null
+  const float* lr_t;        // capturable: device lr (replaces lr; noise_std *= sqrt(lr)) or null
+  bool restore, noise, ahead, has_momentum, has_master;
+};
+
+template <typename S>
+__device__ __forceinline__ float to_f(S x) {
+  return static_cast<float>(x);
+}
+
+// Four consecutive elements: one 16-byte access for fp32 (8 bytes for bf16/fp16).
+template <typename T>
+struct alignas(4 * sizeof(T)) Vec4 {
+  T v[4];
+};
+
+// Loads lanes [lo, hi) of the four elements at x (vector access when `vec`).
+template <typename T>
+__device__ __forceinline__ Vec4<T> load4(const T* x, bool vec, int lo, int hi) {
+  if (vec) return *reinterpret_cast<const Vec4<T>*>(x);
+  Vec4<T> r{};
+#pragma unroll
+  for (int l = 0; l < 4; ++l)
+    if (l >= lo && l < hi) r.v[l] = x[l];
+  return r;
+}
+
+template <typename T>
+__device__ __forceinline__ void store4(T* x, const Vec4<T>& r, bool vec, int lo, int hi) {
+  if (vec) {
+    *reinterpret_cast<Vec4<T>*>(x) = r;
+    return;
+  }
+#pragma unroll
+  for (int l = 0; l < 4; ++l)
+    if (l >= lo && l < hi) x[l] = r.v[l];
+}
+
+// One (tensor, chunk) per CUDA block; each thread walks Philox blocks of the chunk.
+template <typename S, typename B>
+__global__ void __launch_bounds__(kThreads) fused_step_kernel(const __grid_constant__ TensorTable tab,
+                                                              const Scalars sc) {
+  if (sc.found_inf != nullptr && *sc.found_inf != 0.0f) return;  // AMP overflow: change nothing
+  const int t = tab.chunk_tensor[blockIdx.x];
+  const int64_t n = tab.numel[t], off = tab.offset[t];
+  const int64_t first_blk = off >> 2, last_blk = (off + n - 1) >> 2;
+  S* p = static_cast<S*>(tab.param[t]);
+  const S* g = static_cast<const S*>(tab.grad[t]);
+  B* buf = static_cast<B*>(tab.buf[t]);
+  float* master = tab.master[t];
+  const float lr = sc.lr_t ? *sc.lr_t : sc.lr;
+  const float noise_std = sc.lr_t ? sc.noise_std * sqrtf(lr) : sc.noise_std;
+  const int64_t step = sc.step_t ? *sc.step_t : sc.step;  // read on the device: graph replays advance
+  StepCoeffs<float> c{lr, sc.weight_decay, sc.momentum, noise_std, sc.restore_sigma, sc.perturb_sigma,
+                      sc.grad_scale ? 1.0f / *sc.grad_scale : 1.0f, sc.grad_scale != nullptr, sc.has_momentum};
+  const Stream s_eps = make_stream(sc.seed, tab.pid[t], step, kEps);
+  const Stream s_xi = make_stream(sc.seed, tab.pid[t], step, kXi);
+  const Stream s_next = make_stream(sc.seed, tab.pid[t], step + 1, kEps);
+  const int64_t chunk_first = first_blk + (int64_t)tab.chunk_index[blockIdx.x] * kChunkBlocks;
+#pragma unroll
+  for (int it = 0; it < kBlocksPerThread; ++it) {
+    const int64_t blk = chunk_first + (int64_t)it * kThreads + threadIdx.x;
+    if (blk > last_blk) break;
+    float e_k[4] = {0.f, 0.f, 0.f, 0.f}, xi[4] = {0.f, 0.f, 0.f, 0.f}, e_n[4] = {0.f, 0.f, 0.f, 0.f};
+    if (sc.restore && !sc.has_master) normal4(s_eps, (uint64_t)blk, e_k);
+    if (sc.noise) normal4(s_xi, (uint64_t)blk, xi);
+    if (sc.ahead) normal4(s_next, (uint64_t)blk, e_n);
+    const int64_t i0 = blk * 4 - off;  // local index of lane 0 (negative for a shard's first block)
+    const int lo = i0 < 0 ? (int)-i0 : 0, hi = i0 + 4 > n ? (int)(n - i0) : 4;
+    const bool vec = tab.aligned[t] && lo == 0 && hi == 4;
+    const Vec4<S> pv = load4(p + i0, vec, lo, hi), gv = load4(g + i0, vec, lo, hi);
+    Vec4<float> mv{};
+    Vec4<B> bv{};
+    if (sc.has_master) mv = load4(master + i0, vec, lo, hi);
+    if (sc.has_momentum) bv = load4(buf + i0, vec, lo, hi);
+    Vec4<S> out;
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      float theta = sc.has_master ? mv.v[l] : to_f(pv.v[l]);
+      if (sc.restore && !sc.has_master) theta = theta - c.restore_sigma * e_k[l];
+      theta = sgld_update<float, B>(theta, to_f(gv.v[l]), &bv.v[l], xi[l], c);
+      mv.v[l] = theta;
+      if (sc.ahead) theta = theta + c.perturb_sigma * e_n[l];
+      out.v[l] = static_cast<S>(theta);
+    }
+    store4(p + i0, out, vec, lo, hi);
+    if (sc.has_master) store4(master + i0, mv, vec, lo, hi);
+    if (sc.has_momentum) store4(buf + i0, bv, vec, lo, hi);
+  }
+}
+
+// perturb_: p = (master or p) + sigma * eps_step.
+template <typename S>
+__global__ void __launch_bounds__(kThreads) perturb_kernel(const __grid_constant__ TensorTable tab, const Scalars sc) {
+  const int t = tab.chunk_tensor[blockIdx.x];
+  const int64_t n = tab.numel[t], off = tab.offset[t];
+  const int64_t last_blk = (off + n - 1) >> 2;
+  S* p = static_cast<S*>(tab.param[t]);
+  const float* master = tab.master[t];
+  const Stream st = make_stream(sc.seed, tab.pid[t], sc.step_t ? *sc.step_t : sc.step, kEps);
+  const int64_t chunk_first = (off >> 2) + (int64_t)tab.chunk_index[blockIdx.x] * kChunkBlocks;
+#pragma unroll
+  for (int it = 0; it < kBlocksPerThread; ++it) {
+    const int64_t blk = chunk_first + (int64_t)it * kThreads + threadIdx.x;
+    if (blk > last_blk) break;
+    float e[4];
+    normal4(st, (uint64_t)blk, e);
+    const int64_t i0 = blk * 4 - off;
+    const int lo = i0 < 0 ? (int)-i0 : 0, hi = i0 + 4 > n ? (int)(n - i0) : 4;
+    const bool vec = tab.aligned[t] && lo == 0 && hi == 4;
+    Vec4<S> pv{};
+    Vec4<float> mv{};
+    if (sc.has_master) {
+      mv = load4(master + i0, vec, lo, hi);
+    } else {
+      pv = load4(p + i0, vec, lo, hi);
+    }
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      const float clean = sc.has_master ? mv.v[l] : to_f(pv.v[l]);
+      pv.v[l] = static_cast<S>(clean + sc.sigma * e[l]);
+    }
+    store4(p + i0, pv, vec, lo, hi);
+  }
+}
+
+__global__ void normals_kernel(float* out, int64_t n, int64_t off, Stream st) {
+  const int64_t blk = (off >> 2) + (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (blk > ((off + n - 1) >> 2)) return;
+  float e[4];
+  normal4(st, (uint64_t)blk, e);
+  for (int lane = 0; lane < 4; ++lane) {
+    const int64_t i = blk * 4 + lane - off;
+    if (i >= 0 && i < n) out[i] = e[lane];
+  }
+}
+
+__global__ void words_kernel(uint32_t* out, int64_t nblocks, int64_t first, Stream st) {
+  const int64_t b = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (b >= nblocks) return;
+  const uint64_t blk = (uint64_t)(first + b);
+  uint32_t w0 = (uint32_t)blk, w1 = (uint32_t)(blk >> 32), w2 = st.step, w3 = st.tag;
+  philox4x32_10(w0, w1, w2, w3, st.k0, st.k1);
+  out[4 * b] = w0, out[4 * b + 1] = w1, out[4 * b + 2] = w2, out[4 * b + 3] = w3;
+}
+
+inline bool aligned4(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % (4 * t.element_size()) == 0;
+}
+
+// Packs tensors into tables and launches `launch(table, n_chunks)` once per full table.
+template <typename Launch>
+void multi_tensor_apply(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::TensorList masters,
+                        at::IntArrayRef param_ids, at::IntArrayRef offsets, const Launch& launch) {
+  TensorTable tab;
+  int nt = 0, nc = 0;  // tensors and chunks in the current table
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t n = params[i].numel();
+    if (n == 0) continue;
+    if (nt == kMaxTensors) {
+      launch(tab, nc);
+      nt = nc = 0;
+    }
+    tab.param[nt] = params[i].data_ptr();
+    tab.grad[nt] = grads.empty() ? nullptr : grads[i].data_ptr();
+    tab.buf[nt] = bufs.empty() ? nullptr : bufs[i].data_ptr();
+    tab.master[nt] = masters.empty() ? nullptr : masters[i].data_ptr<float>();
+    tab.numel[nt] = n;
+    tab.offset[nt] = offsets[i];
+    tab.pid[nt] = (uint32_t)param_ids[i];
+    tab.aligned[nt] = (offsets[i] & 3) == 0 && aligned4(params[i]) && (grads.empty() || aligned4(grads[i])) &&
+                      (bufs.empty() || aligned4(bufs[i])) && (masters.empty() || aligned4(masters[i]));
+    const int64_t nblk = ((offsets[i] + n - 1) >> 2) - (offsets[i] >> 2) + 1;
+    const int64_t chunks = (nblk + kChunkBlocks - 1) / kChunkBlocks;
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      if (nc == kMaxChunks) {  // table full: launch it; this tensor continues as entry 0
+        launch(tab, nc);
+        tab.param[0] = tab.param[nt], tab.grad[0] = tab.grad[nt], tab.buf[0] = tab.buf[nt];
+        tab.master[0] = tab.master[nt], tab.numel[0] = n, tab.offset[0] = offsets[i], tab.pid[0] = tab.pid[nt];
+        tab.aligned[0] = tab.aligned[nt];
+        nt = nc = 0;
+      }
+      tab.chunk_tensor[nc] = (uint16_t)nt;
+      tab.chunk_index[nc] = (int32_t)ch;
+      ++nc;
+    }
+    ++nt;
+  }
+  if (nc > 0) launch(tab, nc);
+}
+
+// ---- host side, shared by the GPU launcher and the CPU emulation --------------------------------
+// `launch(kernel, table, n_chunks, scalars)` runs one grid of kThreads-thread blocks.
+template <typename Launch>
+void fused_step_host(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                     at::TensorList masters, at::IntArrayRef param_ids, at::IntArrayRef offsets, int64_t seed,
+                     int64_t step, double lr, double weight_decay, double momentum, double noise_std,
+                     double restore_sigma, double perturb_sigma, const std::optional<at::Tensor>& grad_scale,
+                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& step_t,
+                     const std::optional<at::Tensor>& lr_t, const Launch& launch) {
+  TORCH_CHECK(params[0].scalar_type() != at::kDouble, "fsgld: the cuda backend takes fp32/bf16/fp16 params");
+  Scalars sc{seed_bits(seed), step, (float)lr, (float)weight_decay, (float)momentum, (float)noise_std,
+             (float)restore_sigma, (float)perturb_sigma, 0.0f,
+             grad_scale ? grad_scale->data_ptr<float>() : nullptr, found_inf ? found_inf->data_ptr<float>() : nullptr,
+             step_t ? step_t->data_ptr<int64_t>() : nullptr, lr_t ? lr_t->data_ptr<float>() : nullptr,
+             restore_sigma != 0.0, noise_std != 0.0, perturb_sigma != 0.0, momentum != 0.0, !masters.empty()};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "fsgld::fused_step_", [&] {
+    using S = scalar_t;
+    multi_tensor_apply(params, grads, momentum_buffers, masters, param_ids, offsets,
+                       [&](const TensorTable& tab, int nchunks) {
+                         if (sc.has_master) {
+                           launch(fused_step_kernel<S, float>, tab, nchunks, sc);
+                         } else {
+                           launch(fused_step_kernel<S, S>, tab, nchunks, sc);
+                         }
+                       });
+  });
+}
+
+template <typename Launch>
+void perturb_host(at::TensorList params, at::TensorList masters, at::IntArrayRef param_ids, at::IntArrayRef offsets,
+                  int64_t seed, int64_t step, double sigma, const std::optional<at::Tensor>& step_t,
+                  const Launch& launch) {
+  TORCH_CHECK(params[0].scalar_type() != at::kDouble, "fsgld: the cuda backend takes fp32/bf16/fp16 params");
+  Scalars sc{};
+  sc.seed = seed_bits(seed), sc.step = step, sc.sigma = (float)sigma, sc.has_master = !masters.empty();
+  sc.step_t = step_t ? step_t->data_ptr<int64_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "fsgld::perturb_", [&] {
+    multi_tensor_apply(params, {}, {}, masters, param_ids, offsets, [&](const TensorTable& tab, int nchunks) {
+      launch(perturb_kernel<scalar_t>, tab, nchunks, sc);
+    });
+  });
+}
+
+// Blocks of kThreads threads covering the Philox blocks of `n` elements from global index `offset`.
+inline unsigned normals_grid(int64_t n, int64_t offset) {
+  const int64_t nblk = ((offset + n - 1) >> 2) - (offset >> 2) + 1;
+  return (unsigned)((nblk + kThreads - 1) / kThreads);
+}
+
+}  // namespace cuda_kernels
+}  // namespace fsgld

@@ -1,0 +1,34 @@
+// fsgld_schemas.h: the op schemas of the fsgld:: namespace, in one place. fsgld_ops.cpp defines
+// the ops from them; the CPU emulation of the CUDA kernels (tests/cuda_emulation.cpp) defines a
+// twin namespace from the same strings, so both take exactly the same arguments.
+#pragma once
+
+namespace fsgld {
+namespace schema {
+
+// params += sigma * eps_step (SPEC 2, kind 0); with masters: params = round(masters + sigma*eps).
+// A negative sigma restores. `seed` is the 64-bit seed's two's-complement bits.
+constexpr const char* kPerturb =
+    "perturb_(Tensor(a!)[] params, Tensor[] masters, int[] param_ids, int[] offsets, int seed, int step, "
+    "float sigma, Tensor? step_t=None) -> ()";
+
+// SPEC 3 over the list: restore (restore_sigma, eps_step), SGLD update (xi_step), perturb
+// ahead (perturb_sigma, eps_{step+1}). Nothing changes if found_inf is nonzero.
+// Capturable form (CUDA graphs): step_t (int64) replaces `step`, lr_t (float32) replaces `lr`,
+// and the Langevin std is then noise_std * sqrt(lr_t) (pass noise_std = sqrt(2 / beta)). The
+// kernels only read them: the caller advances step_t on the device.
+constexpr const char* kFusedStep =
+    "fused_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] masters, "
+    "int[] param_ids, int[] offsets, int seed, int step, float lr, float weight_decay, float momentum, "
+    "float noise_std, float restore_sigma, float perturb_sigma, Tensor? grad_scale, Tensor? found_inf, "
+    "Tensor? step_t=None, Tensor? lr_t=None) -> ()";
+
+// Normals of one stream for the elements offset .. offset+out.numel()-1 (tests and benchmarks).
+constexpr const char* kNormals = "normals_(Tensor(a!) out, int seed, int param_id, int step, int kind, int offset) -> ()";
+
+// The raw Philox words of blocks first_block .. first_block+n-1 into an int32 (n, 4) tensor.
+constexpr const char* kPhiloxWords =
+    "philox_words_(Tensor(a!) out, int seed, int param_id, int step, int kind, int first_block) -> ()";
+
+}  // namespace schema
+}  // namespace fsgld

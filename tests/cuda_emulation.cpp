@@ -1,0 +1,115 @@
+// cuda_emulation.cpp: the CUDA kernels of csrc/fsgld_cuda_kernels.cuh, run on the CPU.
+//
+// The kernels use no shared memory, no __syncthreads and no atomics: a thread's work depends only
+// on (blockIdx, threadIdx), so running the threads of a grid one after another is one legal
+// schedule of it. Compiled with the host compiler, the same kernel source then executes its
+// indexing, table packing (several launches per call), vector and tail paths on CPU tensors,
+// where tests/test_cuda_emulation.py compares it with the reference. What it cannot show: the
+// GPU's own float rounding of sqrtf, timing, and anything about the hardware.
+//
+// It defines the ops of fsgld_schemas.h under the namespace fsgld_cuda_emu (CPU tensors), plus
+// fsgld_cuda_emu::launches(), the number of grids launched so far.
+#include <torch/library.h>
+
+#include <cstdint>
+
+struct EmulatedDim3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+static EmulatedDim3 blockIdx, threadIdx, blockDim;
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __grid_constant__
+
+#include "fsgld_cuda_kernels.cuh"
+#include "fsgld_schemas.h"
+
+namespace {
+
+using namespace fsgld;
+using namespace fsgld::cuda_kernels;
+
+int64_t g_launches = 0;
+
+// One grid of `nblocks` blocks of kThreads threads, thread after thread.
+template <typename Kernel, typename... Args>
+void run_grid(unsigned nblocks, Kernel kernel, const Args&... args) {
+  ++g_launches;
+  blockDim = {(unsigned)kThreads, 1, 1};
+  for (unsigned b = 0; b < nblocks; ++b) {
+    for (unsigned t = 0; t < (unsigned)kThreads; ++t) {
+      blockIdx = {b, 0, 0};
+      threadIdx = {t, 0, 0};
+      kernel(args...);
+    }
+  }
+}
+
+struct CpuLaunch {
+  template <typename Kernel>
+  void operator()(Kernel kernel, const TensorTable& tab, int nchunks, const Scalars& sc) const {
+    run_grid((unsigned)nchunks, kernel, tab, sc);
+  }
+};
+
+void fused_step_emu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                    at::TensorList masters, at::IntArrayRef param_ids, at::IntArrayRef offsets, int64_t seed,
+                    int64_t step, double lr, double weight_decay, double momentum, double noise_std,
+                    double restore_sigma, double perturb_sigma, const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& step_t,
+                    const std::optional<at::Tensor>& lr_t) {
+  check_fused_step(c10::DeviceType::CPU, params, grads, momentum_buffers, masters, param_ids, offsets, momentum,
+                   grad_scale, found_inf, step_t, lr_t);
+  if (params.empty()) return;
+  fused_step_host(params, grads, momentum_buffers, masters, param_ids, offsets, seed, step, lr, weight_decay, momentum,
+                  noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, step_t, lr_t, CpuLaunch{});
+}
+
+void perturb_emu(at::TensorList params, at::TensorList masters, at::IntArrayRef param_ids, at::IntArrayRef offsets,
+                 int64_t seed, int64_t step, double sigma, const std::optional<at::Tensor>& step_t) {
+  check_lists(c10::DeviceType::CPU, params, {}, {}, masters, param_ids, offsets);
+  if (params.empty()) return;
+  check_step_tensor(step_t, params[0].device());
+  perturb_host(params, masters, param_ids, offsets, seed, step, sigma, step_t, CpuLaunch{});
+}
+
+void normals_emu(at::Tensor out, int64_t seed, int64_t param_id, int64_t step, int64_t kind, int64_t offset) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous(), "normals_: contiguous float32 out");
+  const int64_t n = out.numel();
+  if (n == 0) return;
+  run_grid(normals_grid(n, offset), normals_kernel, out.data_ptr<float>(), n, offset,
+           make_stream(seed_bits(seed), param_id, step, (uint32_t)kind));
+}
+
+void philox_words_emu(at::Tensor out, int64_t seed, int64_t param_id, int64_t step, int64_t kind,
+                      int64_t first_block) {
+  TORCH_CHECK(out.scalar_type() == at::kInt && out.is_contiguous() && out.dim() == 2 && out.size(1) == 4,
+              "philox_words_: contiguous int32 (n, 4) out");
+  const int64_t n = out.size(0);
+  if (n == 0) return;
+  run_grid((unsigned)((n + kThreads - 1) / kThreads), words_kernel, reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>()),
+           n, first_block, make_stream(seed_bits(seed), param_id, step, (uint32_t)kind));
+}
+
+int64_t launches() { return g_launches; }
+
+}  // namespace
+
+TORCH_LIBRARY(fsgld_cuda_emu, m) {
+  m.def(fsgld::schema::kPerturb);
+  m.def(fsgld::schema::kFusedStep);
+  m.def(fsgld::schema::kNormals);
+  m.def(fsgld::schema::kPhiloxWords);
+  m.def("launches", &launches);
+}
+
+TORCH_LIBRARY_IMPL(fsgld_cuda_emu, CPU, m) {
+  m.impl("perturb_", &perturb_emu);
+  m.impl("fused_step_", &fused_step_emu);
+  m.impl("normals_", &normals_emu);
+  m.impl("philox_words_", &philox_words_emu);
+}

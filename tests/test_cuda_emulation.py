@@ -1,0 +1,183 @@
+"""The CUDA kernels (csrc/fsgld_cuda_kernels.cuh) executed on the CPU, thread after thread
+(tests/cuda_emulation.cpp), against the reference: words bit-identical, every op element-wise
+within the SPEC tolerance, on the vector and tail paths, shard offsets, misaligned storage, and
+calls large enough to need several launches. No GPU needed; the GPU run is tests/test_gpu.py."""
+
+import os
+
+import pytest
+import torch
+from torch.utils import cpp_extension
+
+from fsgld_fused import reference as R
+from fsgld_fused._ops import ExtensionOps
+from fsgld_fused.testing import NOISE_ATOL, assert_step_close, rtol_for
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Sizes around the kernels' structure: Philox blocks of 4, chunks of 4096 elements.
+SIZES = [0, 1, 3, 4, 5, 1023, 4096, 3 * 4096 + 5]
+OFFSETS = [0, 5, 1, 0, 2, 3, 4096, 0]
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    build = tmp_path_factory.mktemp("cuda_emulation")
+    cpp_extension.load(
+        name="fsgld_cuda_emulation",
+        sources=[os.path.join(ROOT, "tests", "cuda_emulation.cpp")],
+        extra_include_paths=[os.path.join(ROOT, "csrc")],
+        extra_cflags=["-O2"],
+        build_directory=str(build),
+        is_python_module=False,
+    )
+    return ExtensionOps("fsgld_cuda_emu")
+
+
+def launches():
+    return torch.ops.fsgld_cuda_emu.launches()
+
+
+def make(sizes, dtype, scale=1.0):
+    return [(torch.randn(s) * scale).to(dtype) for s in sizes]
+
+
+def test_philox_words_bit_identical(emu):
+    for first in (0, 5, 2**32 - 3):
+        words = emu.philox_words(seed=0x0123456789ABCDEF, pid=9, step=2**31 + 5, kind=1, first_block=first, nblocks=300)
+        blocks = torch.arange(first, first + 300, dtype=torch.int64)
+        ref = R.philox4x32((blocks & 0xFFFFFFFF, blocks >> 32, 2**31 + 5, (9 << 1) | 1), (0x89ABCDEF, 0x01234567))
+        assert torch.equal(words.to(torch.int64) & 0xFFFFFFFF, torch.stack(ref, dim=1))
+
+
+@pytest.mark.parametrize("offset", [0, 1, 2, 3, 4 * (2**32 - 1) - 2])
+def test_normals(emu, offset):
+    for n in (1, 3, 1029, 5000):
+        torch.testing.assert_close(emu.normals(2**64 - 7, 3, 11, R.XI, n, offset),
+                                   R.normals(2**64 - 7, 3, 11, R.XI, n, offset), atol=NOISE_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_perturb_and_restore(emu, dtype):
+    params = make(SIZES, dtype)
+    ref = [p.clone() for p in params]
+    ids = list(range(2, 2 + len(SIZES)))
+    emu.perturb_(params, ids, 77, 4, 0.125, offsets=OFFSETS)
+    R.perturb_(ref, ids, 77, 4, 0.125, offsets=OFFSETS)
+    for a, b in zip(params, ref):
+        assert_step_close(a, b, 0.125)
+    emu.restore_(params, ids, 77, 4, 0.125, offsets=OFFSETS)
+    R.restore_(ref, ids, 77, 4, 0.125, offsets=OFFSETS)
+    for a, b in zip(params, ref):
+        assert_step_close(a, b, 0.25)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_fused_step(emu, dtype, momentum, scaled):
+    params, grads = make(SIZES, dtype), make(SIZES, dtype, 2.0)
+    bufs = [torch.zeros_like(p) for p in params] if momentum else []
+    ref, ref_bufs = [p.clone() for p in params], [b.clone() for b in bufs]
+    ids = [7 * i for i in range(len(SIZES))]
+    kw = dict(grad_scale=torch.tensor([1024.0])) if scaled else {}
+    for step in range(3):
+        args = (ids, 0xFEEDFACECAFEBEEF, step, 0.01, 1e-2, momentum, 3e-3, 0.0 if step == 0 else 0.02, 0.02)
+        emu.fused_step_(params, grads, bufs, *args, offsets=OFFSETS, **kw)
+        R.fused_step_(ref, grads, ref_bufs, *args, offsets=OFFSETS, **kw)
+        for a, b in zip(params, ref):
+            assert_step_close(a, b, 0.04 + 3e-3)
+        for a, b in zip(bufs, ref_bufs):
+            flip = rtol_for(dtype) * (b.abs().max().item() if b.numel() else 0.0)
+            assert_step_close(a, b, 1e-2 * 0.02, atol_extra=flip)
+        for a, b in zip(params, ref):
+            a.copy_(b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_step_with_fp32_masters(emu, dtype):
+    masters = make(SIZES, torch.float32)
+    params = [m.to(dtype) for m in masters]
+    grads = make(SIZES, dtype)
+    bufs = [torch.zeros_like(m) for m in masters]
+    ref_m, ref_p, ref_b = [m.clone() for m in masters], [p.clone() for p in params], [b.clone() for b in bufs]
+    args = (list(range(len(SIZES))), 5, 3, 1e-3, 0.0, 0.9, 1e-4, 0.0, 0.05)
+    emu.fused_step_(params, grads, bufs, *args, masters=masters, offsets=OFFSETS)
+    R.fused_step_(ref_p, grads, ref_b, *args, masters=ref_m, offsets=OFFSETS)
+    for a, b in zip(masters, ref_m):
+        assert_step_close(a, b, 1e-4)
+    for a, b in zip(params, ref_p):
+        assert_step_close(a, b, 0.05 + 1e-4)
+    for a, b in zip(bufs, ref_b):
+        assert_step_close(a, b, 0.0, atol_extra=rtol_for(torch.float32) * b.abs().max().item() if b.numel() else 0.0)
+
+
+def test_misaligned_storage_takes_the_scalar_path(emu):
+    # data_ptr one element past a 16-byte boundary: the kernels may not use vector access
+    base = torch.randn(4 * 4096 + 9)
+    p, g = base[1:], torch.randn(4 * 4096 + 8)
+    ref = p.clone()
+    emu.fused_step_([p], [g], [], [4], 11, 2, 0.1, 0.0, 0.0, 0.01, 0.03, 0.03)
+    R.fused_step_([ref], [g], [], [4], 11, 2, 0.1, 0.0, 0.0, 0.01, 0.03, 0.03)
+    assert_step_close(p, ref, 0.07)
+    assert base[0].item() == base[0].item()  # untouched neighbour is still a number
+
+
+def test_found_inf_changes_nothing(emu):
+    params, grads = make([100, 37], torch.float32), make([100, 37], torch.float32)
+    bufs = [torch.zeros_like(p) for p in params]
+    before = [p.clone() for p in params]
+    emu.fused_step_(params, grads, bufs, [0, 1], 1, 0, 0.1, 0.0, 0.9, 0.1, 0.1, 0.1,
+                    grad_scale=torch.tensor([8.0]), found_inf=torch.tensor([1.0]))
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+    assert all(not b.any() for b in bufs)
+
+
+def test_capturable_form_reads_step_and_lr_from_tensors(emu):
+    params, grads = make([4100, 7], torch.float32), make([4100, 7], torch.float32)
+    ref = [p.clone() for p in params]
+    beta, lr = 1e4, 0.02
+    step_t, lr_t = torch.tensor(6, dtype=torch.int64), torch.tensor([lr])
+    std = (2.0 / beta) ** 0.5  # the capturable form scales it by sqrt(lr_t) in the kernel
+    emu.fused_step_(params, grads, [], [0, 1], 3, 0, 0.5, 0.0, 0.0, std, 0.01, 0.01, step_t=step_t, lr_t=lr_t)
+    R.fused_step_(ref, grads, [], [0, 1], 3, 6, lr, 0.0, 0.0, (2 * lr / beta) ** 0.5, 0.01, 0.01)
+    for a, b in zip(params, ref):
+        assert_step_close(a, b, 0.02 + (2 * lr / beta) ** 0.5)
+    emu.perturb_(params, [0, 1], 3, 0, 0.5, step_t=step_t)
+    R.perturb_(ref, [0, 1], 3, 6, 0.5)
+    for a, b in zip(params, ref):
+        assert_step_close(a, b, 0.55)
+
+
+def test_more_tensors_than_one_table_holds(emu):
+    sizes = [1 + (i % 7) for i in range(161)]  # the table holds 160 tensors
+    params, grads = make(sizes, torch.float32), make(sizes, torch.float32)
+    ref = [p.clone() for p in params]
+    ids = list(range(len(sizes)))
+    before = launches()
+    emu.fused_step_(params, grads, [], ids, 8, 1, 0.1, 0.0, 0.0, 0.01, 0.02, 0.02)
+    assert launches() - before == 2
+    R.fused_step_(ref, grads, [], ids, 8, 1, 0.1, 0.0, 0.0, 0.01, 0.02, 0.02)
+    for a, b in zip(params, ref):
+        assert_step_close(a, b, 0.05)
+
+
+def test_a_tensor_split_across_launches(emu):
+    # 2048 chunks of 4096 elements fill a table: the big tensor continues in a second launch,
+    # its chunk numbering carried over (a wrong carry would redraw or skip part of the stream)
+    sizes = [4096 * 3 + 1, 2048 * 4096 + 2 * 4096 + 3]
+    params = make(sizes, torch.float32)
+    ref = [p.clone() for p in params]
+    before = launches()
+    emu.perturb_(params, [0, 1], 21, 5, 1.0, offsets=[0, 2])
+    assert launches() - before == 2
+    R.perturb_(ref, [0, 1], 21, 5, 1.0, offsets=[0, 2])
+    for a, b in zip(params, ref):
+        assert_step_close(a, b, 1.0)
+
+
+def test_rejects_what_the_launcher_rejects(emu):
+    with pytest.raises(RuntimeError, match="fp32/bf16/fp16"):
+        emu.perturb_([torch.zeros(3, dtype=torch.float64)], [0], 1, 0, 0.1)
+    with pytest.raises(RuntimeError, match="param_ids"):
+        emu.fused_step_([torch.zeros(3)], [torch.zeros(3)], [], [0, 1], 1, 0, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0)
