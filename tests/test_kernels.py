@@ -2,6 +2,9 @@
 against the reference, element by element within the SPEC tolerance."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -181,6 +184,37 @@ def test_cpu_kernel_is_independent_of_the_thread_count(threads):
     finally:
         torch.set_num_threads(old)
     assert all(torch.equal(a, b) for a, b in zip(params, expected))
+
+
+_PORTABLE_PATH_CHECK = r"""
+import torch
+from fsgld_fused import reference as R
+from fsgld_fused._ops import cpu_ops as ext
+from fsgld_fused.testing import NOISE_ATOL, assert_step_close
+n = 4099
+torch.testing.assert_close(ext.normals(2**64 - 7, 3, 11, 1, n, 5), R.normals(2**64 - 7, 3, 11, 1, n, 5), atol=NOISE_ATOL, rtol=0)
+words = ext.philox_words(seed=7, pid=2, step=9, kind=0, first_block=2**32 - 3, nblocks=40)
+blocks = torch.arange(2**32 - 3, 2**32 + 37, dtype=torch.int64)
+ref = R.philox4x32((blocks & 0xFFFFFFFF, blocks >> 32, 9, 2 << 1), (7, 0))
+assert torch.equal(words.to(torch.int64) & 0xFFFFFFFF, torch.stack(ref, dim=1))
+ps, gs = [torch.randn(n), torch.randn(3)], [torch.randn(n), torch.randn(3)]
+rs = [p.clone() for p in ps]
+args = ([0, 1], 42, 7, 1e-2, 1e-3, 0.0, 1e-2, 0.03, 0.03)
+ext.fused_step_(ps, gs, [], *args)
+R.fused_step_(rs, gs, [], *args)
+for a, b in zip(ps, rs):
+    assert_step_close(a, b, 0.07)
+print("portable path ok")
+"""
+
+
+@pytest.mark.skipif("cpu" not in KERNEL_BACKENDS, reason="C++ extension not built")
+def test_cpu_portable_path_without_avx512():
+    # This machine may have AVX-512: force the path every other x86-64 CPU takes.
+    env = {**os.environ, "FSGLD_CPU_NO_AVX512": "1"}
+    res = subprocess.run([sys.executable, "-c", _PORTABLE_PATH_CHECK], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and "portable path ok" in res.stdout, res.stderr[-3000:]
 
 
 @pytest.mark.skipif("cpu" not in KERNEL_BACKENDS, reason="C++ extension not built")
