@@ -9,8 +9,6 @@ global index, so the stream does not depend on BLOCK, the grid or the tensor's a
 On CPU this runs through the Triton interpreter (`TRITON_INTERPRET=1`, set before import).
 """
 
-from __future__ import annotations
-
 import math
 import os
 from collections import OrderedDict
@@ -315,22 +313,60 @@ def _launch_step(params, grads, bufs, masters, param_ids, offsets, seed, step, l
     )  # fmt: skip
 
 
+# ---- ops: opaque to torch.compile ---------------------------------------------------------------
+# The launches read data_ptr() and build tables in Python, which Dynamo cannot trace (it failed on
+# FakeTensors): as torch.library custom ops they are single nodes in a compiled graph, like the C++
+# ops. `seed` crosses the schema as the int64 with the 64-bit seed's bits.
+_U64 = (1 << 64) - 1
+
+
+@torch.library.custom_op("fsgld_triton::perturb_", mutates_args=("params",))
+def _perturb_op(params: list[torch.Tensor], masters: list[torch.Tensor], param_ids: list[int], offsets: list[int],
+                seed: int, step: int, sigma: float, step_t: Optional[torch.Tensor]) -> None:
+    block, warps = _tuned_block(params[0].device, params[0].dtype, sum(p.numel() for p in params))
+    n_chunks, chunk_t, chunk_i, numel, offs, pids, p_addr, _, _, m_addr, _ = _table(
+        params, [], [], masters, param_ids, offsets, block
+    )
+    if n_chunks:
+        _perturb_kernel[(n_chunks,)](chunk_t, chunk_i, numel, offs, pids, p_addr, m_addr, seed & _U64, step,
+                                     float(sigma), step_t if step_t is not None else chunk_t,
+                                     P_DTYPE=_TL_DTYPE[params[0].dtype], P_SOFT=_soft_bf16(params[0].dtype),
+                                     HAS_MASTER=bool(masters), HAS_STEP_T=step_t is not None, BLOCK=block,
+                                     num_warps=warps)
+
+
+@torch.library.custom_op("fsgld_triton::fused_step_", mutates_args=("params", "momentum_buffers", "masters"))
+def _fused_step_op(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers: list[torch.Tensor],
+                   masters: list[torch.Tensor], param_ids: list[int], offsets: list[int], seed: int, step: int,
+                   lr: float, weight_decay: float, momentum: float, noise_std: float, restore_sigma: float,
+                   perturb_sigma: float, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
+                   step_t: Optional[torch.Tensor], lr_t: Optional[torch.Tensor]) -> None:
+    block, warps = _tuned_block(params[0].device, params[0].dtype, sum(p.numel() for p in params))
+    _launch_step(params, grads, momentum_buffers, masters, param_ids, offsets, seed & _U64, step, lr, weight_decay,
+                 momentum, noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, block, warps, step_t, lr_t)
+
+
+@_perturb_op.register_fake
+def _(params, masters, param_ids, offsets, seed, step, sigma, step_t):
+    return None
+
+
+@_fused_step_op.register_fake
+def _(params, grads, momentum_buffers, masters, param_ids, offsets, seed, step, lr, weight_decay, momentum,
+      noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, step_t, lr_t):
+    return None
+
+
+def _seed_arg(seed: int) -> int:
+    return seed - (1 << 64) if seed >= (1 << 63) else seed
+
+
 # ---- the backend's face: the reference's signatures ---------------------------------------------
 def perturb_(params, param_ids, seed, step, sigma, offsets=None, masters: Sequence[torch.Tensor] = (), step_t=None):
     params, masters, offsets = list(params), list(masters), _offsets(params, offsets)
     _check(params, list(param_ids), offsets, masters)
-    if not params:
-        return
-    block, warps = _tuned_block(params[0].device, params[0].dtype, sum(p.numel() for p in params))
-    n_chunks, chunk_t, chunk_i, numel, offs, pids, p_addr, _, _, m_addr, _ = _table(
-        params, [], [], masters, list(param_ids), offsets, block
-    )
-    if n_chunks:
-        _perturb_kernel[(n_chunks,)](chunk_t, chunk_i, numel, offs, pids, p_addr, m_addr, seed, step, float(sigma),
-                                     step_t if step_t is not None else chunk_t,
-                                     P_DTYPE=_TL_DTYPE[params[0].dtype], P_SOFT=_soft_bf16(params[0].dtype),
-                                     HAS_MASTER=bool(masters), HAS_STEP_T=step_t is not None, BLOCK=block,
-                                     num_warps=warps)
+    if params:
+        _perturb_op(params, masters, list(param_ids), offsets, _seed_arg(seed), step, float(sigma), step_t)
 
 
 def restore_(params, param_ids, seed, step, sigma, offsets=None, masters: Sequence[torch.Tensor] = (), step_t=None):
@@ -350,11 +386,10 @@ def fused_step_(params, grads, momentum_buffers, param_ids, seed, step, lr, weig
     if len(grads) != len(params) or (momentum != 0.0) != bool(bufs) and params:
         raise RuntimeError("fsgld triton: one grad per param, and one momentum buffer per param iff momentum != 0")
     _check(params, list(param_ids), offsets, grads, bufs, masters)
-    if not params:
-        return
-    block, warps = _tuned_block(params[0].device, params[0].dtype, sum(p.numel() for p in params))
-    _launch_step(params, grads, bufs, masters, list(param_ids), offsets, seed, step, lr, weight_decay, momentum,
-                 noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, block, warps, step_t, lr_t)
+    if params:
+        _fused_step_op(params, grads, bufs, masters, list(param_ids), offsets, _seed_arg(seed), step, float(lr),
+                       float(weight_decay), float(momentum), float(noise_std), float(restore_sigma),
+                       float(perturb_sigma), grad_scale, found_inf, step_t, lr_t)
 
 
 def normals(seed, pid, step, kind, numel, offset=0, device="cpu"):
