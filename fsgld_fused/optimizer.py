@@ -113,6 +113,29 @@ def _local(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     return local, offset
 
 
+def _state_like(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """Per-parameter state (momentum buffer, master) from its local tensor: for a DTensor param a
+    DTensor laid out like it, so state_dict() and distributed checkpointing see each shard's place
+    in the global tensor (and load_state_dict's shape checks compare global shapes)."""
+    if not hasattr(p, "device_mesh"):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
+def _state_for(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """A loaded state tensor laid out like p: a full (unsharded) tensor for a DTensor param keeps
+    this rank's slice, which needs no communication (every rank holds the full tensor)."""
+    if not hasattr(p, "device_mesh") or hasattr(value, "device_mesh"):
+        return value
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local_shape, global_offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    index = tuple(slice(o, o + n) for o, n in zip(global_offset, local_shape))
+    return _state_like(p, value[index].contiguous())
+
+
 class FSGLD(Optimizer):
     """Flatness-aware stochastic gradient Langevin dynamics (arXiv 2510.02174).
 
@@ -217,7 +240,7 @@ class FSGLD(Optimizer):
             for p in params:
                 if p.dtype in _LOW_PRECISION and "master" not in self.state[p]:
                     local = _local(p.detach())[0]
-                    self.state[p]["master"] = local.float().clone(memory_format=torch.contiguous_format)
+                    self.state[p]["master"] = _state_like(p, local.float().clone(memory_format=torch.contiguous_format))
 
     @property
     def seed(self) -> int:
@@ -278,7 +301,9 @@ class FSGLD(Optimizer):
         return out
 
     def _master(self, p: torch.Tensor) -> Optional[torch.Tensor]:
-        return self.state[p].get("master") if p in self.state else None
+        """The fp32 master the kernels update (its local shard for a DTensor param), or None."""
+        master = self.state[p].get("master") if p in self.state else None
+        return None if master is None else _local(master)[0]
 
     def _shift_params(self, group, params, pids, ahead: int, sigma: float, perturb: bool) -> None:
         """Perturb (or restore) params by sigma * eps_{k+ahead}, bucket by bucket; masters make
@@ -357,8 +382,8 @@ class FSGLD(Optimizer):
                 state = self.state[p]
                 if "momentum_buffer" not in state:  # zeros: momentum * 0 + d == d on the first step
                     like = master if master is not None else local
-                    state["momentum_buffer"] = torch.zeros_like(like, memory_format=torch.contiguous_format)
-                with_grad["bufs"].append(state["momentum_buffer"])
+                    state["momentum_buffer"] = _state_like(p, torch.zeros_like(like, memory_format=torch.contiguous_format))
+                with_grad["bufs"].append(_local(state["momentum_buffer"])[0])
         return with_grad, no_grad
 
     def _grads_are_finite(self, plans) -> bool:
@@ -545,6 +570,9 @@ class FSGLD(Optimizer):
                 for key in ("master", "momentum_buffer"):
                     if key in saved:
                         self.state[p][key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True)
+            for key in ("master", "momentum_buffer"):  # FSDP2: full tensors become this rank's shard
+                if key in self.state[p]:
+                    self.state[p][key] = _state_for(p, self.state[p][key])
         self._seed = seed
         self._chain.update(step=step, applied_sigma=applied, skipped_steps=int(extra.get("skipped_steps", 0)))
         for t in self._chain["step_t"].values():  # in place: a captured graph keeps its pointer

@@ -90,6 +90,22 @@ def fsdp_worker(rank, world, port, backend, out_dir):
             opt.step()
         with opt.unperturbed():
             full = [p.full_tensor().detach().clone() for p in model.parameters()]
-        torch.save({"full": full, "shards": shards}, os.path.join(out_dir, f"fsdp_{rank}.pt"))
+        # optimizer state is laid out like the params (DTensor shards), and a state_dict taken
+        # here loads into a fresh optimizer on the same sharded model, also from full tensors
+        state_like_params = all(
+            type(opt.state[p]["momentum_buffer"]) is type(p) and opt.state[p]["momentum_buffer"].placements == p.placements
+            and opt.state[p]["momentum_buffer"].shape == p.shape for p in model.parameters())
+        sd = opt.state_dict()
+        full_sd = {**sd, "state": {i: {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in st.items()}
+                                   for i, st in sd["state"].items()}}
+        loaded = []
+        for source in (sd, full_sd):
+            opt2 = FSGLD(model.parameters(), lr=1e-2, beta=1e4, sigma=0.05, momentum=0.5, seed=1, backend=backend)
+            opt2.load_state_dict(source)
+            loaded.append(opt2.step_count == opt.step_count and opt2.seed == opt.seed and all(
+                torch.equal(opt2.state[p]["momentum_buffer"].to_local(), opt.state[p]["momentum_buffer"].to_local())
+                and opt2.state[p]["momentum_buffer"].placements == p.placements for p in model.parameters()))
+        torch.save({"full": full, "shards": shards, "state_like_params": state_like_params, "loaded": loaded},
+                   os.path.join(out_dir, f"fsdp_{rank}.pt"))
     finally:
         dist.destroy_process_group()

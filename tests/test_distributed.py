@@ -43,6 +43,9 @@ def test_fsdp2_matches_a_single_process_run(backend, tmp_path):
     world = 2
     mp.spawn(W.fsdp_worker, args=(world, _port(), backend, str(tmp_path)), nprocs=world)
     results = [torch.load(tmp_path / f"fsdp_{r}.pt") for r in range(world)]
+    for r in range(world):
+        assert results[r]["state_like_params"], "momentum buffers are not DTensors laid out like their params"
+        assert results[r]["loaded"] == [True, True], "state_dict round trip (sharded, full) lost state"
 
     # the same global batches in one process
     model = W._model()
