@@ -23,6 +23,12 @@ OFFSETS = [0, 5, 1, 0, 2, 3, 4096, 0]
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
     build = tmp_path_factory.mktemp("cuda_emulation")
+    try:  # the ninja that pip installed (.[test]) even where its scripts folder is not on PATH
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
     cpp_extension.load(
         name="fsgld_cuda_emulation",
         sources=[os.path.join(ROOT, "tests", "cuda_emulation.cpp")],
