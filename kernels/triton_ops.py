@@ -179,6 +179,8 @@ def _words_kernel(out_ptr, nblocks, first, seed, step, tag, BLOCK: tl.constexpr)
 
 
 # ---- launch configuration ------------------------------------------------------------------------
+# Launches pass enable_fp_fusion=False: SPEC 3's update rounds each float32 op like the reference
+# (Triton would contract a*b+c into FMA; the C++/CUDA build is compiled the same way).
 # Philox blocks per program and warps. The interpreter runs programs one by one in numpy, so it
 # takes the largest block; on a GPU `_tuned_block` times the candidates once per (device, dtype,
 # size class) on scratch tensors (never on the user's weights: the kernels update in place).
@@ -309,7 +311,7 @@ def _launch_step(params, grads, bufs, masters, param_ids, offsets, seed, step, l
         HAS_MASTER=bool(masters), HAS_MOMENTUM=momentum != 0.0, HAS_SCALE=grad_scale is not None,
         HAS_FOUND_INF=found_inf is not None, RESTORE=restore_sigma != 0.0 and not masters,
         NOISE=noise_std != 0.0, AHEAD=perturb_sigma != 0.0, WEIGHT_DECAY=weight_decay != 0.0,
-        BLOCK=block, num_warps=warps,
+        BLOCK=block, num_warps=warps, enable_fp_fusion=False,
     )  # fmt: skip
 
 
@@ -332,7 +334,7 @@ def _perturb_op(params: list[torch.Tensor], masters: list[torch.Tensor], param_i
                                      float(sigma), step_t if step_t is not None else chunk_t,
                                      P_DTYPE=_TL_DTYPE[params[0].dtype], P_SOFT=_soft_bf16(params[0].dtype),
                                      HAS_MASTER=bool(masters), HAS_STEP_T=step_t is not None, BLOCK=block,
-                                     num_warps=warps)
+                                     num_warps=warps, enable_fp_fusion=False)
 
 
 @torch.library.custom_op("fsgld_triton::fused_step_", mutates_args=("params", "momentum_buffers", "masters"))
