@@ -390,10 +390,7 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
 
 // ---- normals_ --------------------------------------------------------------------------------
 void normals_cpu(at::Tensor out, int64_t seed, int64_t param_id, int64_t step, int64_t kind, int64_t offset) {
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.device().is_cpu(),
-              "fsgld::normals_: out must be a contiguous float32 CPU tensor");
-  TORCH_CHECK(kind == kEps || kind == kXi, "fsgld::normals_: kind must be 0 (eps) or 1 (xi)");
-  TORCH_CHECK(offset >= 0 && param_id >= 0 && param_id < (int64_t(1) << 31), "fsgld::normals_: bad offset or id");
+  check_normals(out, c10::DeviceType::CPU, param_id, kind, offset);
   const Stream st = make_stream(seed_bits(seed), param_id, step, (uint32_t)kind);
   float* o = out.data_ptr<float>();
   for_each_chunk({0, out.numel()}, [&](size_t, int64_t i0, int64_t len) {
@@ -407,9 +404,7 @@ void normals_cpu(at::Tensor out, int64_t seed, int64_t param_id, int64_t step, i
 // The raw words, through the same code path as the noise (AVX-512 where present), for tests.
 void philox_words_cpu(at::Tensor out, int64_t seed, int64_t param_id, int64_t step, int64_t kind,
                       int64_t first_block) {
-  TORCH_CHECK(out.scalar_type() == at::kInt && out.is_contiguous() && out.dim() == 2 && out.size(1) == 4 &&
-                  out.device().is_cpu(),
-              "fsgld::philox_words_: out must be a contiguous int32 CPU tensor of shape (n, 4)");
+  check_words(out, c10::DeviceType::CPU, param_id, kind);
   const Stream st = make_stream(seed_bits(seed), param_id, step, (uint32_t)kind);
   uint32_t* o = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
   const int64_t n = out.size(0);

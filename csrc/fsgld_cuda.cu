@@ -48,7 +48,7 @@ void perturb_cuda(at::TensorList params, at::TensorList masters, at::IntArrayRef
 }
 
 void normals_cuda(at::Tensor out, int64_t seed, int64_t param_id, int64_t step, int64_t kind, int64_t offset) {
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous(), "fsgld::normals_: out must be contiguous float32");
+  check_normals(out, c10::DeviceType::CUDA, param_id, kind, offset);
   const int64_t n = out.numel();
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
@@ -59,12 +59,11 @@ void normals_cuda(at::Tensor out, int64_t seed, int64_t param_id, int64_t step, 
 
 void philox_words_cuda(at::Tensor out, int64_t seed, int64_t param_id, int64_t step, int64_t kind,
                        int64_t first_block) {
-  TORCH_CHECK(out.scalar_type() == at::kInt && out.is_contiguous() && out.dim() == 2 && out.size(1) == 4,
-              "fsgld::philox_words_: out must be a contiguous int32 tensor of shape (n, 4)");
+  check_words(out, c10::DeviceType::CUDA, param_id, kind);
   const int64_t n = out.size(0);
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
-  words_kernel<<<(unsigned)((n + kThreads - 1) / kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  words_kernel<<<words_grid(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>()), n, first_block,
       make_stream(seed_bits(seed), param_id, step, (uint32_t)kind));
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -292,5 +292,8 @@ inline unsigned normals_grid(int64_t n, int64_t offset) {
   return (unsigned)((nblk + kThreads - 1) / kThreads);
 }
 
+// Blocks of kThreads threads, one thread per Philox block, for `n` blocks of raw words.
+inline unsigned words_grid(int64_t n) { return (unsigned)((n + kThreads - 1) / kThreads); }
+
 }  // namespace cuda_kernels
 }  // namespace fsgld

@@ -79,6 +79,27 @@ inline void check_fused_step(c10::DeviceType device_type, at::TensorList params,
   check_step_tensor(step_t, params[0].device());
 }
 
+// normals_ / philox_words_ (raw stream access for tests and benchmarks), for every device's kernel.
+inline void check_stream_args(const at::Tensor& out, c10::DeviceType device_type, int64_t param_id, int64_t kind) {
+  TORCH_CHECK(out.device().type() == device_type && out.is_contiguous(), "fsgld: out must be a contiguous ",
+              device_type, " tensor");
+  TORCH_CHECK(kind == 0 || kind == 1, "fsgld: kind must be 0 (eps) or 1 (xi)");
+  TORCH_CHECK(param_id >= 0 && param_id < (int64_t(1) << 31), "fsgld: param id ", param_id, " out of range [0, 2**31)");
+}
+
+inline void check_normals(const at::Tensor& out, c10::DeviceType device_type, int64_t param_id, int64_t kind,
+                          int64_t offset) {
+  check_stream_args(out, device_type, param_id, kind);
+  TORCH_CHECK(out.scalar_type() == at::kFloat, "fsgld::normals_: out must be float32");
+  TORCH_CHECK(offset >= 0, "fsgld::normals_: negative element offset ", offset);
+}
+
+inline void check_words(const at::Tensor& out, c10::DeviceType device_type, int64_t param_id, int64_t kind) {
+  check_stream_args(out, device_type, param_id, kind);
+  TORCH_CHECK(out.scalar_type() == at::kInt && out.dim() == 2 && out.size(1) == 4,
+              "fsgld::philox_words_: out must be an int32 tensor of shape (n, 4)");
+}
+
 // Python ints are int64 in schemas: the 64-bit seed travels as its two's-complement bits.
 inline uint64_t seed_bits(int64_t seed) { return static_cast<uint64_t>(seed); }
 

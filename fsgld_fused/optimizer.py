@@ -570,9 +570,10 @@ class FSGLD(Optimizer):
                 for key in ("master", "momentum_buffer"):
                     if key in saved:
                         self.state[p][key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True)
+            state = self.state.get(p, {})
             for key in ("master", "momentum_buffer"):  # FSDP2: full tensors become this rank's shard
-                if key in self.state[p]:
-                    self.state[p][key] = _state_for(p, self.state[p][key])
+                if key in state:
+                    state[key] = _state_for(p, state[key])
         self._seed = seed
         self._chain.update(step=step, applied_sigma=applied, skipped_steps=int(extra.get("skipped_steps", 0)))
         for t in self._chain["step_t"].values():  # in place: a captured graph keeps its pointer

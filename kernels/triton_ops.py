@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._ops import _offsets, _seed_arg
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -288,10 +290,6 @@ def _check(params, param_ids, offsets, *lists):
                 raise RuntimeError(f"fsgld triton: tensor {i} of a companion list does not match its param")
 
 
-def _offsets(params, offsets):
-    return [0] * len(params) if offsets is None else list(offsets)
-
-
 def _launch_step(params, grads, bufs, masters, param_ids, offsets, seed, step, lr, weight_decay, momentum,
                  noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, block, warps, step_t=None, lr_t=None):
     n_chunks, *tab, _ = _table(params, grads, bufs, masters, param_ids, offsets, block)
@@ -357,10 +355,6 @@ def _(params, masters, param_ids, offsets, seed, step, sigma, step_t):
 def _(params, grads, momentum_buffers, masters, param_ids, offsets, seed, step, lr, weight_decay, momentum,
       noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, step_t, lr_t):
     return None
-
-
-def _seed_arg(seed: int) -> int:
-    return seed - (1 << 64) if seed >= (1 << 63) else seed
 
 
 # ---- the backend's face: the reference's signatures ---------------------------------------------

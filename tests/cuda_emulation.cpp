@@ -78,7 +78,7 @@ void perturb_emu(at::TensorList params, at::TensorList masters, at::IntArrayRef 
 }
 
 void normals_emu(at::Tensor out, int64_t seed, int64_t param_id, int64_t step, int64_t kind, int64_t offset) {
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous(), "normals_: contiguous float32 out");
+  check_normals(out, c10::DeviceType::CPU, param_id, kind, offset);
   const int64_t n = out.numel();
   if (n == 0) return;
   run_grid(normals_grid(n, offset), normals_kernel, out.data_ptr<float>(), n, offset,
@@ -87,11 +87,10 @@ void normals_emu(at::Tensor out, int64_t seed, int64_t param_id, int64_t step, i
 
 void philox_words_emu(at::Tensor out, int64_t seed, int64_t param_id, int64_t step, int64_t kind,
                       int64_t first_block) {
-  TORCH_CHECK(out.scalar_type() == at::kInt && out.is_contiguous() && out.dim() == 2 && out.size(1) == 4,
-              "philox_words_: contiguous int32 (n, 4) out");
+  check_words(out, c10::DeviceType::CPU, param_id, kind);
   const int64_t n = out.size(0);
   if (n == 0) return;
-  run_grid((unsigned)((n + kThreads - 1) / kThreads), words_kernel, reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>()),
+  run_grid(words_grid(n), words_kernel, reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>()),
            n, first_block, make_stream(seed_bits(seed), param_id, step, (uint32_t)kind));
 }
 

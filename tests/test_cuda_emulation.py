@@ -188,3 +188,7 @@ def test_rejects_what_the_launcher_rejects(emu):
         emu.perturb_([torch.zeros(3, dtype=torch.float64)], [0], 1, 0, 0.1)
     with pytest.raises(RuntimeError, match="param_ids"):
         emu.fused_step_([torch.zeros(3)], [torch.zeros(3)], [], [0, 1], 1, 0, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="kind must be 0"):
+        emu.normals(1, 0, 0, 2, 8)
+    with pytest.raises(RuntimeError, match=r"shape \(n, 4\)"):
+        emu.lib.philox_words_(torch.zeros(3, 4), 1, 0, 0, 0, 0)

@@ -233,6 +233,10 @@ def test_cpu_kernel_rejects_what_it_cannot_index():
         ext.perturb_([torch.zeros(3), torch.zeros(3, dtype=torch.float64)], [0, 1], 1, 0, 0.1)
     with pytest.raises(RuntimeError, match="grad"):
         ext.fused_step_([torch.zeros(3)], [torch.zeros(4)], [], [0], 1, 0, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="param id -1"):
+        ext.normals(1, -1, 0, 0, 8)
+    with pytest.raises(RuntimeError, match="int32"):
+        ext.lib.philox_words_(torch.zeros(3, 4), 1, 0, 0, 0, 0)
 
 
 def test_strided_parameters_work_on_the_reference_backend():
