@@ -143,19 +143,26 @@ def measure_step_seconds(backend: Backend, device: torch.device, dtype: torch.dt
 def _fastest(names: list[str], device: torch.device, dtype: torch.dtype) -> str:
     key = (device.index, dtype)
     if key not in _AUTO_CHOICE:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return names[0]  # no timing inside a CUDA-graph capture: the first choice, not cached
         timed = {n: measure_step_seconds(_probe(n)[0], device, dtype) for n in names}
         _AUTO_CHOICE[key] = min(timed, key=timed.get)
     return _AUTO_CHOICE[key]
 
 
-def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
-    """The backend that runs a (device, dtype) bucket of a group whose backend is `name`."""
+def _usable(name: str, device: torch.device, dtype: torch.dtype) -> list[str]:
     candidates = AUTO_ORDER.get(device.type, ("reference",)) if name == "auto" else (name,)
     usable = []
     for cand in candidates:
         backend, _ = _probe(cand)
         if backend is not None and backend.supports(device, dtype):
             usable.append(cand)
+    return usable
+
+
+def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    """The backend that runs a (device, dtype) bucket of a group whose backend is `name`."""
+    usable = _usable(name, device, dtype)
     if name == "auto" and "cuda" in usable and "triton" in usable:
         return _probe(_fastest(["cuda", "triton"], device, dtype))[0]
     if usable:
@@ -164,3 +171,12 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
         f"backend {name!r} cannot run {dtype} parameters on {device.type}"
         + ("" if name == "auto" else "; use backend='auto' or 'reference'")
     )
+
+
+def describe(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """What runs a (device, dtype) bucket, without timing anything (for repr)."""
+    usable = _usable(name, device, dtype)
+    if name == "auto" and "cuda" in usable and "triton" in usable:
+        chosen = _AUTO_CHOICE.get((device.index, dtype))
+        return chosen or "cuda or triton, timed at the first step"
+    return usable[0] if usable else f"none for {dtype} on {device.type}"

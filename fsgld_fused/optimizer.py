@@ -10,6 +10,10 @@ Training loop (the same as `torch.optim.SGD`)::
 
 The first step's gradient is taken at the weights as they are (clean) unless `perturb()` was
 called first. `unperturbed()` hands the clean weights to evaluation or checkpointing.
+
+How a step runs: `_plan_step` collects every tensor into kernel calls (one per backend, device,
+dtype and applied perturbation) and checks everything a kernel could refuse; only then does
+`_run_step` touch a tensor, so a step that fails changes nothing.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch.optim import Optimizer
+from torch.optim.optimizer import required
 
 from . import _backends
 
@@ -29,6 +35,12 @@ __all__ = ["FSGLD"]
 _SEED_LIMIT = 1 << 64
 _NONFINITE = ("raise", "skip", "ignore")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+# The chain state every parameter's entry of state_dict() carries (plain Python numbers, which
+# load_state_dict never casts). Per parameter, not top-level: torch.distributed.checkpoint keeps
+# only "state" and "param_groups". The perturbation applied to a parameter lives in its state
+# all the time ("applied_sigma"), so the optimizer's state is never empty and DCP never runs its
+# zero-lr initialisation step on it.
+_CHAIN_KEYS = ("seed", "step", "skipped_steps")
 
 
 def coupled_sigma(beta: float, eta: float) -> float:
@@ -37,16 +49,17 @@ def coupled_sigma(beta: float, eta: float) -> float:
 
 
 def _check_hparams(group: dict[str, Any], capturable: bool = False) -> None:
-    """The one argument validator: construction, add_param_group and every step use it."""
+    """The one argument validator: construction, add_param_group and every step use it.
+    Values still `required` (lr, beta not given to the constructor) are the groups' to supply."""
     lr, beta, sigma, eta = group["lr"], group["beta"], group["sigma"], group["eta"]
     if isinstance(lr, torch.Tensor):
         # A tensor lr is for capturable=True (CUDA graphs): its value is read on the device, so it
         # is not range-checked here (that would be a host sync).
         if not capturable or lr.numel() != 1 or lr.dtype != torch.float32:
             raise ValueError("a Tensor lr needs capturable=True and a one-element float32 tensor")
-    elif not 0.0 < lr < math.inf:
-        raise ValueError(f"Invalid learning rate: {lr!r} (need a finite float > 0)")
-    if not beta > 0.0:  # also refuses NaN; beta = inf is noise-free (plain SGD)
+    elif lr is not required and not 0.0 <= lr < math.inf:  # lr = 0: no update, no Langevin noise
+        raise ValueError(f"Invalid learning rate: {lr!r} (need a finite float >= 0)")
+    if beta is not required and not beta > 0.0:  # also refuses NaN; beta = inf is noise-free
         raise ValueError(f"Invalid beta: {beta!r} (need beta > 0; it is the inverse temperature)")
     if sigma is None:
         if not 0.0 < eta < 1.0:
@@ -59,9 +72,18 @@ def _check_hparams(group: dict[str, Any], capturable: bool = False) -> None:
     for key in ("weight_decay", "momentum"):
         if not 0.0 <= group[key] < math.inf:
             raise ValueError(f"Invalid {key}: {group[key]!r} (need a finite value >= 0)")
-    for key in ("perturb_ahead", "master_weights"):
+    for key in ("perturb_ahead", "master_weights", "maximize"):
         if not isinstance(group[key], bool):
             raise ValueError(f"{key} must be a bool, got {group[key]!r}")
+    for key in ("foreach", "fused"):
+        if group[key] not in (None, False, True):
+            raise ValueError(f"{key} must be None, False or True, got {group[key]!r}")
+    if group["differentiable"]:
+        raise ValueError("differentiable=True is not supported: FSGLD updates the weights in place outside "
+                         "autograd (its noise is not a differentiable function of the hyperparameters)")
+    if group["fused"] and group["backend"] == "reference":
+        raise ValueError("fused=True asks for the fused kernels, but backend='reference' is the unfused "
+                         "specification: use backend='auto' (or 'cpu', 'cuda', 'triton')")
     _backends.check_backend_name(group["backend"])
 
 
@@ -136,13 +158,66 @@ def _state_for(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return _state_like(p, value[index].contiguous())
 
 
+
+@dataclass
+class _Call:
+    """One kernel call: tensors of one (backend, device, dtype) that share an applied sigma.
+
+    `params` are the tensors the kernel writes: a parameter itself, its local shard (DTensor), or
+    a contiguous copy of a strided parameter, written back afterwards (`writeback`).
+    """
+
+    backend: Any
+    device: torch.device
+    sigma: float  # the sigma these params carry now (restore), or the one to add (perturb)
+    params: list = field(default_factory=list)
+    pids: list = field(default_factory=list)
+    offsets: list = field(default_factory=list)
+    masters: list = field(default_factory=list)
+    grads: list = field(default_factory=list)
+    bufs: list = field(default_factory=list)
+    writeback: list = field(default_factory=list)  # (parameter view, contiguous copy)
+
+    def add(self, view, pid, master, grad=None, buf=None):
+        tensor, offset, strided = view
+        self.params.append(tensor)
+        self.pids.append(pid)
+        self.offsets.append(offset)
+        if master is not None:
+            self.masters.append(master)
+        if grad is not None:
+            self.grads.append(grad)
+        if buf is not None:
+            self.bufs.append(buf)
+        if strided is not None:
+            self.writeback.append((strided, tensor))
+
+    def write_back(self):
+        for dst, src in self.writeback:
+            dst.copy_(src)
+
+
+@dataclass
+class _GroupPlan:
+    """What a step does to one param group: fused-step calls, and shifts (restore at k, perturb
+    at k + 1) for params without a gradient, each list of calls keyed by _Call's identity."""
+
+    group: dict
+    new_sigma: float
+    stepped: dict = field(default_factory=dict)  # (backend, device, dtype, sigma, master, update) -> _Call
+    restores: dict = field(default_factory=dict)  # (backend, device, dtype, sigma, master) -> _Call
+    perturbs: dict = field(default_factory=dict)
+    applied: list = field(default_factory=list)  # (param state, applied sigma after the step)
+
+
 class FSGLD(Optimizer):
     """Flatness-aware stochastic gradient Langevin dynamics (arXiv 2510.02174).
 
     Args:
-        params: parameters or param groups, as for any `torch.optim` optimizer.
-        lr: step size (> 0).
-        beta: inverse temperature (> 0); Langevin noise std is sqrt(2 * lr / beta).
+        params: parameters, named parameters or param groups, as for any `torch.optim` optimizer.
+        lr: step size (>= 0; 0 means no update and no Langevin noise). May be left to the groups.
+        beta: inverse temperature (> 0); Langevin noise std is sqrt(2 * lr / beta). May be left
+            to the groups.
         sigma: perturbation scale; None couples it to beta as beta ** (-(1 + eta) / 4).
         eta: coupling exponent, 0 < eta < 1 (only used when sigma is None).
         weight_decay: L2 coefficient, applied to the clean (unperturbed) weights.
@@ -158,10 +233,17 @@ class FSGLD(Optimizer):
         capturable: keep the step counter in a tensor on the params' device, advanced there (and
             accept a one-element float32 Tensor lr), so a CUDA graph of the step replays with fresh
             noise; needs nonfinite="ignore".
+        maximize: ascend the objective (the gradient's sign flipped; weight decay unchanged).
+        foreach, fused: accepted as `torch.optim` passes them. FSGLD always runs one fused
+            multi-tensor kernel per (backend, device, dtype); fused=True also refuses
+            backend="reference" and any bucket that only the reference can run.
+        differentiable: must be False (refused otherwise).
 
-    With `torch.amp.GradScaler`, the scaled gradients are unscaled inside the fused step and an
-    overflow changes nothing (weights, perturbation, step counter); the scaler's own inf check
-    replaces the `nonfinite` one.
+    Parameters with `requires_grad=False` are never touched (no perturbation, no update); a
+    trainable parameter whose `.grad` is None in a step gets no update and no Langevin noise, but
+    its perturbation moves on to the next step's. With `torch.amp.GradScaler`, the scaled
+    gradients are unscaled inside the fused step and an overflow changes nothing (weights,
+    perturbation, step counter); the scaler's own inf check replaces the `nonfinite` one.
     """
 
     _step_supports_amp_scaling = True
@@ -169,8 +251,8 @@ class FSGLD(Optimizer):
     def __init__(
         self,
         params,
-        lr: float,
-        beta: float,
+        lr: Any = required,
+        beta: Any = required,
         sigma: Optional[float] = None,
         eta: float = 0.1,
         weight_decay: float = 0.0,
@@ -181,18 +263,15 @@ class FSGLD(Optimizer):
         master_weights: bool = False,
         nonfinite: str = "raise",
         capturable: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+        differentiable: bool = False,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            beta=beta,
-            sigma=sigma,
-            eta=eta,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            perturb_ahead=perturb_ahead,
-            backend=backend,
-            master_weights=master_weights,
-        )
+        defaults = dict(lr=lr, beta=beta, sigma=sigma, eta=eta, weight_decay=weight_decay, momentum=momentum,
+                        perturb_ahead=perturb_ahead, backend=backend, master_weights=master_weights,
+                        maximize=maximize, foreach=foreach, fused=fused, differentiable=differentiable)
         if not isinstance(capturable, bool):
             raise ValueError(f"capturable must be a bool, got {capturable!r}")
         self.capturable = capturable
@@ -205,46 +284,72 @@ class FSGLD(Optimizer):
                 "nonfinite='ignore' (with a GradScaler, overflowed steps are still skipped on the device)"
             )
         self.nonfinite = nonfinite
-        if seed is None:  # two 32-bit draws: torch.manual_seed makes runs repeatable
-            lo, hi = torch.randint(0, 1 << 32, (2,), dtype=torch.int64).tolist()
+        if seed is None:  # two 32-bit draws on the CPU generator: torch.manual_seed makes runs repeatable
+            lo, hi = torch.randint(0, 1 << 32, (2,), dtype=torch.int64, device="cpu").tolist()
             seed = _sync_seed(lo | (hi << 32), given=False)
         else:
             seed = _sync_seed(_check_seed(seed), given=True)
-        self._seed = _check_seed(seed)
         # The chain's mutable state, in one dict mutated in place: Dynamo keeps item writes on
         # it, where it dropped plain attribute rebinding on an optimizer inside torch.compile.
+        #   seed: the stream's 64-bit key
         #   step: the counter k of the noise stream, a Python int (never cast by load_state_dict)
-        #   applied_sigma: per group, the sigma now added to its weights (0.0: clean)
         #   skipped_steps: steps skipped for non-finite gradients or AMP overflow
         #   step_t: capturable only, one int64 counter per device, advanced on the device; when
         #     present it is the authoritative k
-        self._chain: dict[str, Any] = {"step": 0, "applied_sigma": [], "skipped_steps": 0, "step_t": {}}
+        # The sigma applied to each param is in its state: self.state[p]["applied_sigma"].
+        self._chain: dict[str, Any] = {"seed": _check_seed(seed), "step": 0, "skipped_steps": 0, "step_t": {}}
         super().__init__(params, defaults)
 
     # -- construction --------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         params = param_group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif isinstance(params, set):
+            raise TypeError("optimizer parameters need to be organized in ordered collections, but the ordering "
+                            "of tensors in sets will change between runs. Please use a list instead.")
+        params = list(params)
+        tensors = [p[1] if isinstance(p, tuple) else p for p in params]  # named_parameters() gives tuples
         seen = {id(p) for g in self.param_groups for p in g["params"]}
-        for p in params:
-            if isinstance(p, torch.Tensor) and (p.is_complex() or not p.is_floating_point()):
+        for p in tensors:
+            if not isinstance(p, torch.Tensor):
+                continue  # torch's add_param_group names the offending type
+            if p.is_complex() or not p.is_floating_point():
                 raise ValueError(f"FSGLD needs real floating-point parameters, got {p.dtype}")
             if id(p) in seen:
                 raise ValueError("a parameter appears twice in FSGLD's parameter list")
             seen.add(id(p))
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        _check_hparams(merged, self.capturable)
         super().add_param_group({**param_group, "params": params})
         group = self.param_groups[-1]
-        _check_hparams(group, self.capturable)
-        self._chain["applied_sigma"].append(0.0)
-        if group["master_weights"]:  # the weights are clean now: copy them before any perturbation
-            for p in params:
-                if p.dtype in _LOW_PRECISION and "master" not in self.state[p]:
-                    local = _local(p.detach())[0]
-                    self.state[p]["master"] = _state_like(p, local.float().clone(memory_format=torch.contiguous_format))
+        for p in group["params"]:  # weights are clean now: masters copy them before any perturbation
+            state = self.state[p]
+            state.setdefault("applied_sigma", 0.0)
+            state.update(self._new_state(group, p, state))
+
+    def _new_state(self, group: dict[str, Any], p: torch.Tensor, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The master and momentum buffer a trainable param needs and lacks (returned, not stored,
+        so a step can create them and still change nothing if it fails its checks)."""
+        new: dict[str, torch.Tensor] = {}
+        if not p.requires_grad:
+            return new
+        local = _local(p.detach())[0]
+        if group["master_weights"] and p.dtype in _LOW_PRECISION and "master" not in state:
+            if state.get("applied_sigma", 0.0) != 0.0:
+                raise RuntimeError("master_weights was turned on while the weights are perturbed: call restore() "
+                                   "first, so that the fp32 master copies clean weights")
+            new["master"] = _state_like(p, local.float().clone(memory_format=torch.contiguous_format))
+        if group["momentum"] != 0.0 and "momentum_buffer" not in state:
+            # zeros: momentum * 0 + d == d on the first step, exactly as SGD's buf = d
+            like = new.get("master", state.get("master"))
+            like = local if like is None else _local(like)[0]
+            new["momentum_buffer"] = _state_like(p, torch.zeros_like(like, memory_format=torch.contiguous_format))
+        return new
 
     @property
     def seed(self) -> int:
-        return self._seed
+        return self._chain["seed"]
 
     @property
     def step_count(self) -> int:
@@ -271,7 +376,7 @@ class FSGLD(Optimizer):
 
     @property
     def is_perturbed(self) -> bool:
-        return any(s != 0.0 for s in self._chain["applied_sigma"])
+        return any(self.state[p].get("applied_sigma", 0.0) != 0.0 for g in self.param_groups for p in g["params"])
 
     # -- helpers -------------------------------------------------------------------------
     @staticmethod
@@ -280,118 +385,178 @@ class FSGLD(Optimizer):
             return float(group["sigma"])
         return coupled_sigma(group["beta"], group["eta"])
 
-    def _groups_with_pids(self) -> Iterator[tuple[int, dict[str, Any], list[int]]]:
-        """(group index, group, the parameter ids of SPEC section 2: order across groups)."""
+    def _groups_with_pids(self) -> Iterator[tuple[dict[str, Any], list[int]]]:
+        """(group, the parameter ids of SPEC section 2: order across groups)."""
         start = 0
-        for gi, group in enumerate(self.param_groups):
+        for group in self.param_groups:
             n = len(group["params"])
-            yield gi, group, list(range(start, start + n))
+            yield group, list(range(start, start + n))
             start += n
 
     @staticmethod
-    def _buckets(group, params, *lists):
-        """Split parallel lists by (backend, device, dtype): one kernel call per bucket."""
-        out: dict[tuple, list[list]] = defaultdict(lambda: [[] for _ in range(len(lists) + 1)])
-        for i, p in enumerate(params):
-            backend = _backends.resolve(group["backend"], p.device, p.dtype)
-            cols = out[(backend, p.device, p.dtype)]  # a group's masters are all there or all absent
-            cols[0].append(p)
-            for col, lst in zip(cols[1:], lists):
-                col.append(lst[i])
-        return out
+    def _backend(group: dict[str, Any], p: torch.Tensor) -> _backends.Backend:
+        backend = _backends.resolve(group["backend"], p.device, p.dtype)
+        if group["fused"] and backend.name == "reference":
+            raise ValueError(f"fused=True, but no fused kernel runs {p.dtype} parameters on {p.device.type} "
+                             f"here; pass fused=None to let the reference run them")
+        return backend
 
-    def _master(self, p: torch.Tensor) -> Optional[torch.Tensor]:
+    @staticmethod
+    def _view(p: torch.Tensor) -> tuple[torch.Tensor, int, Optional[torch.Tensor]]:
+        """(tensor a kernel writes, global index of its first element, strided view to write it
+        back to). The kernels walk the row-major element order of contiguous memory; a strided
+        param goes through a contiguous copy, so every layout takes the fast path."""
+        local, offset = _local(p.detach())
+        if local.is_contiguous():
+            return local, offset, None
+        return local.contiguous(), offset, local
+
+    def _master(self, p: torch.Tensor, new: Optional[dict] = None) -> Optional[torch.Tensor]:
         """The fp32 master the kernels update (its local shard for a DTensor param), or None."""
-        master = self.state[p].get("master") if p in self.state else None
+        master = (new or {}).get("master", self.state[p].get("master"))
         return None if master is None else _local(master)[0]
 
-    def _shift_params(self, group, params, pids, ahead: int, sigma: float, perturb: bool) -> None:
-        """Perturb (or restore) params by sigma * eps_{k+ahead}, bucket by bucket; masters make
-        both exact."""
-        masters = [self._master(p) for p in params]
-        views = [_local(p) for p in params]
-        locals_, offsets = [v[0] for v in views], [v[1] for v in views]
-        for (backend, device, _), (ps, ids, ms, offs) in self._buckets(group, locals_, pids, masters, offsets).items():
-            ms = ms if ms and ms[0] is not None else []
-            fn = backend.ops.perturb_ if perturb else backend.ops.restore_
-            step, step_t = self._step_arg(device, ahead)
-            fn(ps, ids, self._seed, step, sigma, offsets=offs, masters=ms, step_t=step_t)
+    @staticmethod
+    def _touchable(p: torch.Tensor) -> bool:
+        """Frozen params are never touched; meta tensors hold no data to touch."""
+        return p.requires_grad and p.device.type != "meta"
 
-    def _shift(self, sigmas: list[float], sign: float) -> None:
-        """Add sign * sigma_g * eps_k to every group g's weights (perturb or restore)."""
-        for gi, group, pids in self._groups_with_pids():
-            if sigmas[gi] != 0.0:
-                self._shift_params(group, group["params"], pids, 0, sigmas[gi], perturb=sign > 0)
+    def _shift_call(self, calls: dict, group, p, pid, sigma: float, view) -> None:
+        """Add p to the restore_/perturb_ call of its (backend, device, dtype, sigma, master)."""
+        master = self._master(p)
+        key = (group["backend"], p.device, p.dtype, sigma, master is not None)
+        if key not in calls:
+            calls[key] = _Call(self._backend(group, p), p.device, sigma)
+        calls[key].add(view, pid, master)
+
+    def _run_shifts(self, calls: dict, ahead: int, perturb: bool) -> None:
+        for call in calls.values():
+            fn = call.backend.ops.perturb_ if perturb else call.backend.ops.restore_
+            step, step_t = self._step_arg(call.device, ahead)
+            fn(call.params, call.pids, self.seed, step, call.sigma, offsets=call.offsets, masters=call.masters,
+               step_t=step_t)
+            call.write_back()
 
     # -- perturbation control ------------------------------------------------------------
     @torch.no_grad()
     def perturb(self) -> None:
-        """Add sigma * eps_k to every clean group (eps of the current step k). Idempotent."""
-        sigmas = [
-            0.0 if applied != 0.0 else self.group_sigma(g)
-            for g, applied in zip(self.param_groups, self._chain["applied_sigma"])
-        ]
-        for g in self.param_groups:
-            _check_hparams(g, self.capturable)
-        self._shift(sigmas, +1.0)
-        applied = self._chain["applied_sigma"]
-        self._chain["applied_sigma"] = [a if a != 0.0 else s for a, s in zip(applied, sigmas)]
+        """Add sigma * eps_k to every clean trainable param (eps of the current step k). Idempotent."""
+        calls: dict = {}
+        applied = []  # (param state, sigma added)
+        for group, pids in self._groups_with_pids():
+            _check_hparams(group, self.capturable)
+            sigma = self.group_sigma(group)
+            for p, pid in zip(group["params"], pids):
+                state = self.state[p]
+                if sigma != 0.0 and self._touchable(p) and state.get("applied_sigma", 0.0) == 0.0:
+                    self._shift_call(calls, group, p, pid, sigma, self._view(p))
+                    applied.append((state, sigma))
+        self._run_shifts(calls, 0, perturb=True)
+        for state, sigma in applied:
+            state["applied_sigma"] = sigma
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Subtract exactly the perturbation that was added. Idempotent."""
-        self._shift(self._chain["applied_sigma"], -1.0)
-        self._chain["applied_sigma"] = [0.0] * len(self.param_groups)
+        """Subtract exactly the perturbation that was added (from every param that carries one,
+        frozen since or not). Idempotent."""
+        calls: dict = {}
+        restored = []
+        for group, pids in self._groups_with_pids():
+            for p, pid in zip(group["params"], pids):
+                state = self.state[p]
+                if state.get("applied_sigma", 0.0) != 0.0 and p.device.type != "meta":
+                    self._shift_call(calls, group, p, pid, state["applied_sigma"], self._view(p))
+                    restored.append(state)
+        self._run_shifts(calls, 0, perturb=False)
+        for state in restored:
+            state["applied_sigma"] = 0.0
 
     @contextlib.contextmanager
     def unperturbed(self) -> Iterator[None]:
-        """Clean weights inside the block (evaluation, `model.state_dict()`); perturbation after."""
-        applied = list(self._chain["applied_sigma"])
+        """Clean weights inside the block (evaluation, `model.state_dict()`); the same
+        perturbation after it, also when the block raises."""
+        params = [(g, p, pid) for g, pids in self._groups_with_pids() for p, pid in zip(g["params"], pids)]
+        applied = [self.state[p].get("applied_sigma", 0.0) for _, p, _ in params]
         self.restore()
         try:
             yield
         finally:
             with torch.no_grad():
-                self._shift(applied, +1.0)
-            self._chain["applied_sigma"] = applied
+                calls: dict = {}
+                for (group, p, pid), sigma in zip(params, applied):
+                    if sigma != 0.0:
+                        self._shift_call(calls, group, p, pid, sigma, self._view(p))
+                self._run_shifts(calls, 0, perturb=True)
+            for (_, p, _), sigma in zip(params, applied):
+                self.state[p]["applied_sigma"] = sigma
 
     # -- the step ------------------------------------------------------------------------
     # Not named _init_group: Dynamo special-cases that name with torch.optim's return contract.
-    def _gather_group(self, group, pids):
-        """Collect a group's tensors and check them all before anything is modified."""
-        with_grad: dict[str, list] = {"params": [], "grads": [], "bufs": [], "masters": [], "pids": [], "offsets": []}
-        no_grad: dict[str, list] = {"params": [], "pids": []}
+    def _plan_group(self, group: dict[str, Any], pids: list[int], new_state: dict) -> _GroupPlan:
+        """Every tensor of one group in its kernel call, checked; nothing is modified."""
+        _check_hparams(group, self.capturable)
+        plan = _GroupPlan(group, self.group_sigma(group) if group["perturb_ahead"] else 0.0)
+        lr = group["lr"]
         for p, pid in zip(group["params"], pids):
-            if p.grad is None:
-                no_grad["params"].append(p)
-                no_grad["pids"].append(pid)
+            state = self.state[p]
+            old_sigma = state.get("applied_sigma", 0.0)
+            if not self._touchable(p):
+                if old_sigma != 0.0 and p.device.type != "meta":  # frozen since it was perturbed
+                    self._shift_call(plan.restores, group, p, pid, old_sigma, self._view(p))
+                    plan.applied.append((state, 0.0))
                 continue
+            view = self._view(p)
+            plan.applied.append((state, plan.new_sigma))
             g = p.grad
-            if g.is_sparse:
-                raise RuntimeError("FSGLD does not support sparse gradients")
-            if g.is_complex() or g.shape != p.shape:
-                raise RuntimeError(f"gradient of shape {tuple(g.shape)} / {g.dtype} does not match its parameter")
-            master = self._master(p)
-            local, offset = _local(p)
-            with_grad["params"].append(local)
-            with_grad["grads"].append(_local(g)[0])
-            with_grad["pids"].append(pid)
-            with_grad["offsets"].append(offset)
-            with_grad["masters"].append(master)
-            if group["momentum"] != 0.0:
-                state = self.state[p]
-                if "momentum_buffer" not in state:  # zeros: momentum * 0 + d == d on the first step
-                    like = master if master is not None else local
-                    state["momentum_buffer"] = _state_like(p, torch.zeros_like(like, memory_format=torch.contiguous_format))
-                with_grad["bufs"].append(_local(state["momentum_buffer"])[0])
-        return with_grad, no_grad
+            if g is None and not self.capturable:  # no grad: no update, no noise; the perturbation moves on
+                if old_sigma != 0.0:
+                    self._shift_call(plan.restores, group, p, pid, old_sigma, view)
+                if plan.new_sigma != 0.0:
+                    self._shift_call(plan.perturbs, group, p, pid, plan.new_sigma, view)
+                continue
+            if g is not None:
+                if g.is_sparse:
+                    raise RuntimeError("FSGLD does not support sparse gradients")
+                if g.is_complex() or g.shape != p.shape or g.device != p.device:
+                    raise RuntimeError(f"gradient of shape {tuple(g.shape)} / {g.dtype} on {g.device} does not "
+                                       f"match its parameter (param {pid})")
+            backend = self._backend(group, p)
+            if isinstance(lr, torch.Tensor) and lr.device != p.device:
+                raise ValueError(f"a Tensor lr must live on the params' device ({p.device}), not {lr.device}")
+            new = self._new_state(group, p, state)
+            if new:
+                new_state[p] = new
+            master = self._master(p, new)
+            update = g is not None  # capturable: a grad-less param steps with no update (no host branch)
+            key = (group["backend"], p.device, p.dtype, 0.0 if master is not None else old_sigma,
+                   master is not None, update)
+            if key not in plan.stepped:
+                plan.stepped[key] = _Call(backend, p.device, key[3])
+            grad = _local(g)[0] if update else torch.zeros_like(view[0])
+            buf = None
+            if group["momentum"] != 0.0 and update:
+                buf = _local(new.get("momentum_buffer", state.get("momentum_buffer")))[0]
+            plan.stepped[key].add(view, pid, master, grad, buf)
+        return plan
 
-    def _grads_are_finite(self, plans) -> bool:
+    def _plan_step(self) -> tuple[list[_GroupPlan], dict]:
+        new_state: dict = {}
+        return [self._plan_group(group, pids, new_state) for group, pids in self._groups_with_pids()], new_state
+
+    @staticmethod
+    def _grads(plans: list[_GroupPlan]) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(group index, param id, gradient) of every param that is updated."""
+        for gi, plan in enumerate(plans):
+            for (_, _, _, _, _, update), call in plan.stepped.items():
+                if update:
+                    for pid, g in zip(call.pids, call.grads):
+                        yield gi, pid, g
+
+    def _grads_are_finite(self, plans: list[_GroupPlan]) -> bool:
         """One read-only pass over the gradients and one sync per device."""
         by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
-        for plan in plans:
-            for (_, device, _), cols in plan[3].items():
-                by_device[device] += cols[1]
+        for _, _, g in self._grads(plans):
+            by_device[g.device].append(g)
         for device, grads in by_device.items():
             if device.type == "cuda":  # one fused multi-tensor launch; NaN and inf reach the max
                 summary = [n.float() for n in torch._foreach_norm(grads, math.inf)]
@@ -404,20 +569,43 @@ class FSGLD(Optimizer):
                 return False
         return True
 
-    def _nonfinite_names(self, plans) -> list[str]:
-        bad = []
-        for gi, _, _, stepped, _ in plans:
-            for cols in stepped.values():
-                for p, g, pid in zip(cols[0], cols[1], cols[3]):
-                    if not torch.isfinite(g).all():
-                        bad.append(f"param {pid} (group {gi}, shape {tuple(p.shape)})")
-        return bad
+    def _run_step(self, plans: list[_GroupPlan], new_state: dict, grad_scale, found_inf) -> None:
+        for p, new in new_state.items():
+            self.state[p].update(new)
+        for plan in plans:
+            group = plan.group
+            lr = group["lr"]
+            lr_t = lr if isinstance(lr, torch.Tensor) else None
+            # with a tensor lr the kernel computes sqrt(2 / beta) * sqrt(lr) on the device
+            noise_std = math.sqrt(2.0 / group["beta"]) if lr_t is not None else math.sqrt(2.0 * lr / group["beta"])
+            for (_, device, _, _, _, update), call in plan.stepped.items():
+                scale = None if grad_scale is None else grad_scale.to(device=device, dtype=torch.float32)
+                if group["maximize"] and update:  # d = g * (1 / -scale) = -g / scale: exact negation
+                    scale = -scale if scale is not None else torch.full((1,), -1.0, device=device)
+                step, step_t = self._step_arg(device)
+                call.backend.ops.fused_step_(
+                    call.params, call.grads, call.bufs, call.pids, self.seed, step,
+                    lr if update and lr_t is None else 0.0,
+                    group["weight_decay"] if update else 0.0,
+                    group["momentum"] if update else 0.0,
+                    noise_std if update else 0.0,
+                    call.sigma, plan.new_sigma,
+                    offsets=call.offsets, masters=call.masters, grad_scale=scale if update else None,
+                    found_inf=None if found_inf is None else found_inf.to(device=device, dtype=torch.float32),
+                    step_t=step_t, lr_t=lr_t if update else None,
+                )  # fmt: skip
+                call.write_back()
+            self._run_shifts(plan.restores, 0, perturb=False)
+            self._run_shifts(plan.perturbs, 1, perturb=True)
+            for state, sigma in plan.applied:
+                state["applied_sigma"] = sigma
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """One fSGLD step. With a closure: perturb if needed, evaluate it there, then step.
 
-        If the closure raises, the weights are restored (clean) and the error propagates.
+        If the closure raises, the weights are restored (clean) and the error propagates. Every
+        check runs before any tensor is modified: a step that raises changes nothing.
         """
         loss = None
         if closure is not None:
@@ -429,29 +617,7 @@ class FSGLD(Optimizer):
                 self.restore()
                 raise
 
-        plans = []
-        for gi, group, pids in self._groups_with_pids():  # validate everything first
-            _check_hparams(group, self.capturable)
-            with_grad, no_grad = self._gather_group(group, pids)
-            new_sigma = self.group_sigma(group) if group["perturb_ahead"] else 0.0
-            n = len(with_grad["params"])
-            lists = (with_grad["grads"], with_grad["bufs"] or [None] * n, with_grad["pids"], with_grad["masters"],
-                     with_grad["offsets"])
-            if self.capturable and no_grad["params"]:
-                # No host branch on the device's found_inf: params without a grad take the fused
-                # step with a zero gradient and no update (lr, decay, noise 0), which restores and
-                # re-perturbs them, or changes nothing on an overflow.
-                for p, pid in zip(no_grad["params"], no_grad["pids"]):
-                    local, offset = _local(p)
-                    lists[0].append(torch.zeros_like(local))
-                    lists[1].append(None)
-                    lists[2].append(-1 - pid)  # marks "no update"; the real pid is recovered below
-                    lists[3].append(self._master(p))
-                    lists[4].append(offset)
-                    with_grad["params"].append(local)
-                no_grad = {"params": [], "pids": []}
-            plans.append((gi, group, new_sigma, self._buckets(group, with_grad["params"], *lists), no_grad))
-
+        plans, new_state = self._plan_step()
         # AMP: GradScaler hands us its scale and overflow flag (and has checked the grads itself).
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         if found_inf is not None and not self.capturable:
@@ -460,58 +626,15 @@ class FSGLD(Optimizer):
                 return loss  # overflow: weights, perturbation and step counter stay as they are
         elif found_inf is None and self.nonfinite != "ignore" and not self._grads_are_finite(plans):
             if self.nonfinite == "raise":
-                raise RuntimeError(
-                    "FSGLD: non-finite gradient in " + ", ".join(self._nonfinite_names(plans))
-                    + "; nothing was changed. Pass nonfinite='skip' to skip such steps instead."
-                )
+                bad = [f"param {pid} (group {gi}, shape {tuple(g.shape)})" for gi, pid, g in self._grads(plans)
+                       if not torch.isfinite(g).all()]
+                raise RuntimeError("FSGLD: non-finite gradient in " + ", ".join(bad)
+                                   + "; nothing was changed. Pass nonfinite='skip' to skip such steps instead.")
             self._chain["skipped_steps"] += 1
             return loss
 
-        for gi, group, new_sigma, stepped, no_grad in plans:
-            old_sigma = self._chain["applied_sigma"][gi]
-            lr = group["lr"]
-            lr_t = lr if isinstance(lr, torch.Tensor) else None
-            # with a tensor lr the kernel computes sqrt(2 / beta) * sqrt(lr) on the device
-            noise_std = math.sqrt(2.0 / group["beta"]) if lr_t is not None else math.sqrt(2.0 * lr / group["beta"])
-            for (backend, device, _), (ps, gs, bufs, ids, ms, offs) in stepped.items():
-                scale = None if grad_scale is None else grad_scale.to(device=device, dtype=torch.float32)
-                inf = None if found_inf is None else found_inf.to(device=device, dtype=torch.float32)
-                step, step_t = self._step_arg(device)
-                if lr_t is not None and lr_t.device != device:
-                    raise ValueError(f"a Tensor lr must live on the params' device ({device}), not {lr_t.device}")
-                masters = ms if ms[0] is not None else []
-                update = [i >= 0 for i in ids]
-                for sel, coeffs in ((True, None), (False, 0.0)):  # stepped params, then grad-less ones
-                    idx = [j for j, u in enumerate(update) if u == sel]
-                    if not idx:
-                        continue
-                    pick = lambda xs: [xs[j] for j in idx]  # noqa: E731
-                    backend.ops.fused_step_(
-                        pick(ps),
-                        pick(gs),
-                        pick(bufs) if group["momentum"] != 0.0 and sel else [],
-                        [i if i >= 0 else -1 - i for i in pick(ids)],
-                        self._seed,
-                        step,
-                        group["lr"] if sel and lr_t is None else 0.0,
-                        group["weight_decay"] if sel else 0.0,
-                        group["momentum"] if sel else 0.0,
-                        noise_std if sel else 0.0,
-                        old_sigma,
-                        new_sigma,
-                        offsets=pick(offs),
-                        masters=pick(masters) if masters else [],
-                        grad_scale=scale if sel else None,
-                        found_inf=inf if self.capturable else None,
-                        step_t=step_t,
-                        lr_t=lr_t if sel else None,
-                    )
-            if no_grad["params"]:  # no grad: no update, no noise; the perturbation still moves on
-                if old_sigma != 0.0:
-                    self._shift_params(group, no_grad["params"], no_grad["pids"], 0, old_sigma, perturb=False)
-                if new_sigma != 0.0:
-                    self._shift_params(group, no_grad["params"], no_grad["pids"], 1, new_sigma, perturb=True)
-            self._chain["applied_sigma"][gi] = new_sigma
+        # capturable: no host branch on found_inf, the kernels read it (and change nothing if set)
+        self._run_step(plans, new_state, grad_scale, found_inf if self.capturable else None)
         if self.capturable:  # advanced on the device: k + 1, or k again after an AMP overflow
             for device, t in self._chain["step_t"].items():
                 if found_inf is None:
@@ -523,61 +646,141 @@ class FSGLD(Optimizer):
         return loss
 
     # -- checkpoints ---------------------------------------------------------------------
+    # Our additions run as state-dict hooks registered for the call only: after the user's
+    # load pre-hooks (which can upgrade a checkpoint first) and before the user's post-hooks
+    # (which see the loaded chain), like torch's own processing.
     def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        # Plain Python ints and floats: load_state_dict's dtype casting never touches them.
-        sd["fsgld"] = {
-            "seed": self._seed,
-            "step": self.step_count,
-            "applied_sigma": list(self._chain["applied_sigma"]),
-            "skipped_steps": self._chain["skipped_steps"],
-        }
-        return sd
+        handle = self.register_state_dict_post_hook(FSGLD._chain_into_state_dict, prepend=True)
+        try:
+            return super().state_dict()
+        finally:
+            handle.remove()
+
+    @staticmethod
+    def _chain_into_state_dict(opt: "FSGLD", state_dict: dict[str, Any]) -> dict[str, Any]:
+        chain = {"seed": opt.seed, "step": opt.step_count, "skipped_steps": opt.skipped_steps}
+        state = dict(state_dict["state"])  # new per-param dicts: the packed ones are self.state's own
+        for group in state_dict["param_groups"]:
+            for idx in group["params"]:
+                state[idx] = {"applied_sigma": 0.0, **state.get(idx, {}), **chain}
+        return {**state_dict, "state": state}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "fsgld" not in state_dict:
-            raise ValueError("not an FSGLD state_dict: the 'fsgld' entry (seed, step, perturbation) is missing")
-        extra = state_dict["fsgld"]
-        applied = [float(s) for s in extra["applied_sigma"]]
+        pre = self.register_load_state_dict_pre_hook(FSGLD._chain_from_state_dict)
+        post = self.register_load_state_dict_post_hook(FSGLD._chain_after_load, prepend=True)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            pre.remove()
+            post.remove()
+            self.__dict__.pop("_loading", None)
+
+    @staticmethod
+    def _chain_from_state_dict(opt: "FSGLD", state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Check a state dict against this optimizer before torch loads it, and keep what its
+        casting would lose (the chain, fp32 masters) for `_chain_after_load`."""
+        if "fsgld" in state_dict:
+            state_dict = _upgrade_top_level_chain(state_dict)
         groups = state_dict.get("param_groups", [])
-        if len(applied) != len(self.param_groups) or len(groups) != len(self.param_groups):
-            raise ValueError(
-                f"state_dict has {len(groups)} param groups, this optimizer has {len(self.param_groups)}"
-            )
-        saved_ids = [i for g in groups for i in g["params"]]
-        ours = [p for g in self.param_groups for p in g["params"]]
-        for gi, (g_saved, g_ours) in enumerate(zip(groups, self.param_groups)):
+        state = state_dict.get("state", {})
+        if len(groups) != len(opt.param_groups):
+            raise ValueError(f"state_dict has {len(groups)} param groups, this optimizer has {len(opt.param_groups)}")
+        for gi, (g_saved, g_ours) in enumerate(zip(groups, opt.param_groups)):
             if len(g_saved["params"]) != len(g_ours["params"]):
-                raise ValueError(
-                    f"param group {gi} has {len(g_saved['params'])} params in the state_dict and "
-                    f"{len(g_ours['params'])} here"
-                )
+                raise ValueError(f"param group {gi} has {len(g_saved['params'])} params in the state_dict and "
+                                 f"{len(g_ours['params'])} here")
+        saved_ids = [i for g in groups for i in g["params"]]
+        ours = [p for g in opt.param_groups for p in g["params"]]
         # Shapes first, with the parameter named: torch would cast a mismatched buffer silently.
         for pos, (idx, p) in enumerate(zip(saved_ids, ours)):
-            for key, value in state_dict.get("state", {}).get(idx, {}).items():
+            for key, value in state.get(idx, {}).items():
                 if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape:
-                    raise ValueError(
-                        f"state_dict entry {key!r} of param {pos} has shape {tuple(value.shape)}, "
-                        f"the parameter has shape {tuple(p.shape)}"
-                    )
-        seed, step = _check_seed(extra["seed"]), int(extra["step"])
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "fsgld"})
-        # Optimizer.load_state_dict casts floating state to the param dtype: fp32 masters (and
-        # the fp32 momentum buffers that go with them) are put back in fp32 from the source.
-        for idx, p in zip(saved_ids, ours):
-            saved = state_dict.get("state", {}).get(idx, {})
-            if "master" in saved:
-                for key in ("master", "momentum_buffer"):
-                    if key in saved:
-                        self.state[p][key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True)
-            state = self.state.get(p, {})
+                    raise ValueError(f"state_dict entry {key!r} of param {pos} has shape {tuple(value.shape)}, "
+                                     f"the parameter has shape {tuple(p.shape)}")
+        chains = {tuple(state[i][k] for k in _CHAIN_KEYS) for i in saved_ids if "seed" in state.get(i, {})}
+        if not chains:
+            raise ValueError("not an FSGLD state_dict: no parameter's state carries the chain (seed, step, "
+                             "skipped_steps)")
+        if len(chains) != 1:
+            raise ValueError(f"the parameters' states disagree on the chain (seed, step, skipped_steps): {chains}")
+        seed, step, skipped = chains.pop()
+        for i in saved_ids:
+            sigma = state.get(i, {}).get("applied_sigma", 0.0)
+            if not (isinstance(sigma, (int, float)) and 0.0 <= sigma < math.inf):
+                raise ValueError(f"state_dict: invalid applied_sigma {sigma!r} for param {i}")
+        # Optimizer.load_state_dict casts floating state to the param dtype: fp32 masters (and the
+        # fp32 momentum buffers that go with them) are put back in fp32 from the source.
+        fp32 = {pos: {k: state[idx][k] for k in ("master", "momentum_buffer") if k in state[idx]}
+                for pos, idx in enumerate(saved_ids) if "master" in state.get(idx, {})}
+        opt._loading = {"seed": _check_seed(seed), "step": int(step), "skipped_steps": int(skipped), "fp32": fp32}
+        return state_dict
+
+    @staticmethod
+    def _chain_after_load(opt: "FSGLD") -> None:
+        loading = opt.__dict__.pop("_loading")
+        for group in opt.param_groups:  # checkpoints from before an option existed
+            for key, value in opt.defaults.items():
+                group.setdefault(key, value)
+        for pos, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+            state = opt.state[p]
+            for key in _CHAIN_KEYS:
+                state.pop(key, None)
+            state["applied_sigma"] = float(state.get("applied_sigma", 0.0))
+            for key, value in loading["fp32"].get(pos, {}).items():
+                state[key] = value.to(device=p.device, dtype=torch.float32, copy=True)
             for key in ("master", "momentum_buffer"):  # FSDP2: full tensors become this rank's shard
                 if key in state:
                     state[key] = _state_for(p, state[key])
-        self._seed = seed
-        self._chain.update(step=step, applied_sigma=applied, skipped_steps=int(extra.get("skipped_steps", 0)))
-        for t in self._chain["step_t"].values():  # in place: a captured graph keeps its pointer
-            t.fill_(step)
+                    if not _local(state[key])[0].is_contiguous():
+                        state[key] = state[key].contiguous()
+        opt._chain.update(seed=loading["seed"], step=loading["step"], skipped_steps=loading["skipped_steps"])
+        for t in opt._chain["step_t"].values():  # in place: a captured graph keeps its pointer
+            t.fill_(loading["step"])
+
+    # -- copies: deepcopy, pickle, torch.save(opt), multiprocessing -------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's Optimizer keeps only defaults, state and param_groups
+        return {**super().__getstate__(), "_chain": self._chain, "capturable": self.capturable,
+                "nonfinite": self.nonfinite}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
 
     def __repr__(self) -> str:
-        return super().__repr__().replace("FSGLD (", f"FSGLD (seed={self._seed}, step={self.step_count}", 1)
+        """torch's listing, plus the seed and step, the backend that "auto" runs and the sigma
+        that a coupled (None) sigma takes."""
+        lines = [f"FSGLD (seed={self.seed}, step={self.step_count}, nonfinite={self.nonfinite!r}, "
+                 f"capturable={self.capturable}"]
+        for i, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {i}")
+            for key in sorted(group):
+                if key == "params":
+                    continue
+                value = group[key]
+                if key == "backend":
+                    runs = sorted({_backends.describe(value, p.device, p.dtype) for p in group["params"]})
+                    value = f"{value} ({', '.join(runs) or 'no params'})"
+                elif key == "sigma" and value is None:
+                    value = f"None (coupled: beta**(-(1+eta)/4) = {self.group_sigma(group):.6g})"
+                lines.append(f"    {key}: {value}")
+        return "\n".join(lines) + "\n)"
+
+
+def _upgrade_top_level_chain(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A state dict of fsgld-fused 0.1 kept the chain in a top-level "fsgld" entry (seed, step,
+    per-group applied sigma): spread it into the parameters' states, as saved now."""
+    old = state_dict["fsgld"]
+    groups = state_dict.get("param_groups", [])
+    applied = list(old.get("applied_sigma", []))
+    if len(applied) != len(groups):
+        raise ValueError(f"state_dict has {len(groups)} param groups, but its 'fsgld' entry has "
+                         f"{len(applied)} applied sigmas")
+    state = dict(state_dict.get("state", {}))
+    chain = {"seed": old["seed"], "step": old["step"], "skipped_steps": old.get("skipped_steps", 0)}
+    for group, sigma in zip(groups, applied):
+        for idx in group["params"]:
+            state[idx] = {**state.get(idx, {}), "applied_sigma": float(sigma), **chain}
+    return {k: v for k, v in state_dict.items() if k != "fsgld"} | {"state": state}

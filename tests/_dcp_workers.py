@@ -1,0 +1,102 @@
+"""Worker for tests/test_dcp.py: FSDP2 + torch.distributed.checkpoint on gloo ranks."""
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+STEPS = 5
+
+
+def model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 33), torch.nn.Tanh(), torch.nn.Linear(33, 5))
+
+
+def batches(n, start=0):
+    g = torch.Generator().manual_seed(123)
+    data = [(torch.randn(8, 6, generator=g), torch.randn(8, 5, generator=g)) for _ in range(start + n)]
+    return data[start:]
+
+
+def optimizer(m, backend, seed=77):
+    from fsgld_fused import FSGLD
+
+    return FSGLD(m.parameters(), lr=1e-2, beta=1e4, sigma=0.05, momentum=0.5, weight_decay=1e-3, seed=seed,
+                 backend=backend)
+
+
+def train(m, opt, data, rank, world):
+    for x, y in data:
+        opt.zero_grad()
+        xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]  # this rank's share of the global batch
+        torch.nn.functional.mse_loss(m(xs), ys).backward()
+        opt.step()
+
+
+def local_state(m, opt):
+    """This rank's shards of the weights (as they are: perturbed) and of the momentum buffers."""
+    local = lambda t: (t.to_local() if hasattr(t, "to_local") else t).detach().clone()  # noqa: E731
+    return [local(p) for p in m.parameters()] + [local(opt.state[p]["momentum_buffer"]) for p in m.parameters()]
+
+
+def fsdp_dcp_worker(rank, world, port, backend, out_dir):
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    results = {}
+
+    def sharded():
+        m = model()
+        fully_shard(m[0])
+        fully_shard(m[2])
+        fully_shard(m)
+        return m
+
+    try:
+        m = sharded()
+        opt = optimizer(m, backend)
+        train(m, opt, batches(STEPS), rank, world)
+        msd, osd = get_state_dict(m, opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(out_dir, "as_is"))
+        with opt.unperturbed():
+            msd, osd = get_state_dict(m, opt)
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(out_dir, "clean"))
+        full_opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        full_msd, full_osd = get_state_dict(m, opt, options=full_opts)  # rank 0 holds it, on the CPU
+        train(m, opt, batches(STEPS, start=STEPS), rank, world)
+        expected = local_state(m, opt)
+        with opt.unperturbed():
+            results["full_clean"] = [p.full_tensor().detach().clone() for p in m.parameters()]
+
+        def resume(kind):
+            m2 = sharded()
+            opt2 = optimizer(m2, backend, seed=None)
+            before = local_state(m2, opt2)
+            msd2, osd2 = get_state_dict(m2, opt2)  # on a fresh optimizer: no dummy step
+            untouched = opt2.step_count == 0 and all(torch.equal(a, b) for a, b in zip(before, local_state(m2, opt2)))
+            if kind == "full":
+                set_state_dict(m2, opt2, model_state_dict=full_msd, optim_state_dict=full_osd,
+                               options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+            else:
+                state = {"model": msd2, "optim": osd2}
+                dcp.load(state, checkpoint_id=os.path.join(out_dir, kind))
+                set_state_dict(m2, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            if kind == "clean":
+                opt2.perturb()  # saved under unperturbed(): the next forward needs its perturbation back
+            loaded = (opt2.seed, opt2.step_count) == (opt.seed, STEPS)
+            train(m2, opt2, batches(STEPS, start=STEPS), rank, world)
+            got = local_state(m2, opt2)
+            exact = all(torch.equal(a, b) for a, b in zip(got, expected))
+            err = max((a.double() - b.double()).abs().max().item() for a, b in zip(got, expected))
+            return {"untouched": untouched, "loaded": loaded, "exact": exact, "max_err": err}
+
+        for kind in ("as_is", "clean", "full"):
+            results[kind] = resume(kind)
+        torch.save(results, os.path.join(out_dir, f"dcp_{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
