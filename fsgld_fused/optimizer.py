@@ -581,3 +581,15 @@ class FSGLD(Optimizer):
 
     def __repr__(self) -> str:
         return super().__repr__().replace("FSGLD (", f"FSGLD (seed={self._seed}, step={self.step_count}", 1)
+
+    # -- train()/eval(): the protocol of schedule-free optimizers ------------------------
+    # Trainers that support schedule-free optimizers call optimizer.train() before each training
+    # forward and optimizer.eval() before evaluating (Hugging Face Trainer's training_step and
+    # evaluation_loop, through accelerate's AcceleratedOptimizer), so they evaluate on clean weights.
+    def train(self) -> None:
+        """Weights for a training forward: perturbed, as `perturb()` (idempotent)."""
+        self.perturb()
+
+    def eval(self) -> None:
+        """Weights for evaluation: clean, as `restore()` (idempotent); `train()` perturbs again."""
+        self.restore()
