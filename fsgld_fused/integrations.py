@@ -152,11 +152,9 @@ def _transformers_callback_class() -> type:
                 _restore(_fsgld_optimizers([optimizer]))
 
         def on_epoch_end(self, args, state, control, optimizer=None, **kwargs):
+            # Training ends through here too (should_training_stop), so train() leaves clean weights.
             if control.should_evaluate or control.should_save or control.should_training_stop:
                 _restore(_fsgld_optimizers([optimizer]))
-
-        def on_train_end(self, args, state, control, optimizer=None, **kwargs):
-            _restore(_fsgld_optimizers([optimizer]))
 
     CleanWeightsTrainerCallback.__module__ = __name__
     return CleanWeightsTrainerCallback

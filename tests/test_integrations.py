@@ -159,12 +159,20 @@ def lightning_trainer(L, **kwargs):
     return L.Trainer(**{**defaults, **kwargs})
 
 
-def test_lightning_validation_test_and_checkpoints_see_clean_weights_and_training_is_unchanged(tmp_path):
+@pytest.mark.parametrize("optimization", ["automatic", "manual"])
+def test_lightning_validation_test_and_checkpoints_see_clean_weights_and_training_is_unchanged(tmp_path, optimization):
     from fsgld_fused.integrations import CleanWeightsCallback
 
     L, Regressor = lightning_module_class()
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    class Run(Regressor):
+        def __init__(self):
+            super().__init__()
+            # manual: the forward runs before opt.step(), so only the callback perturbs for it
+            self.automatic_optimization = optimization == "automatic"
+
+    Regressor = Run
     # Reference: no validation, no checkpoints.
     plain = Regressor()
     lightning_trainer(L, max_epochs=2, callbacks=[CleanWeightsCallback()], limit_val_batches=0).fit(
@@ -229,7 +237,7 @@ def test_lightning_resume_from_a_checkpoint_continues_the_same_chain(tmp_path):
         uninterrupted, lightning_loader(16))
 
     resumed = Regressor()
-    resumed.automatic_optimization = False  # the forward runs before step(): the callback perturbs for it
+    resumed.automatic_optimization = False
     trainer = lightning_trainer(L, max_epochs=3, callbacks=[CleanWeightsCallback()])
     trainer.fit(resumed, lightning_loader(16), ckpt_path=tmp_path / "epoch=0.ckpt")
     assert trainer.optimizers[0].step_count == 12
@@ -318,12 +326,16 @@ def hf_trainer(transformers, model, output_dir, callbacks, **kwargs):
                                 optimizers=(opt, sched), callbacks=callbacks), opt
 
 
-def test_hf_trainer_evaluate_checkpoints_and_save_model_see_clean_weights(tmp_path):
+@pytest.mark.parametrize("trainer_calls_train_eval", [True, False], ids=["optimizer-train-eval", "callback-alone"])
+def test_hf_trainer_evaluate_checkpoints_and_save_model_see_clean_weights(tmp_path, monkeypatch, trainer_calls_train_eval):
     from safetensors.torch import load_file
 
     from fsgld_fused.integrations import CleanWeightsTrainerCallback
 
     transformers, TinyConfig, TinyRegressor, Recorder = hf_classes()
+    if not trainer_calls_train_eval:  # as with a transformers that predates optimizer.train()/eval()
+        monkeypatch.delattr(FSGLD, "train")
+        monkeypatch.delattr(FSGLD, "eval")
 
     plain_model = TinyRegressor(TinyConfig())
     trainer, _ = hf_trainer(transformers, plain_model, tmp_path / "plain", [Recorder(), CleanWeightsTrainerCallback()])
@@ -384,3 +396,19 @@ def test_hf_readme_snippet(tmp_path, monkeypatch):
 
     tensors = load_file(tmp_path / "out" / "model.safetensors")
     assert torch.equal(flat(tensors[n] for n, _ in model.named_parameters()), flat(model.parameters()))
+
+
+def test_hf_trainer_resume_from_checkpoint_continues_the_same_chain(tmp_path):
+    from fsgld_fused.integrations import CleanWeightsTrainerCallback
+
+    transformers, TinyConfig, TinyRegressor, _ = hf_classes()
+    uninterrupted = TinyRegressor(TinyConfig())
+    trainer, _ = hf_trainer(transformers, uninterrupted, tmp_path, [CleanWeightsTrainerCallback()],
+                            save_strategy="steps", save_steps=3)
+    trainer.train()
+
+    resumed = TinyRegressor(TinyConfig())
+    trainer, opt = hf_trainer(transformers, resumed, tmp_path, [CleanWeightsTrainerCallback()])
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    assert opt.step_count == 6
+    assert torch.equal(flat(resumed.parameters()), flat(uninterrupted.parameters()))
