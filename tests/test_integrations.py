@@ -412,3 +412,19 @@ def test_hf_trainer_resume_from_checkpoint_continues_the_same_chain(tmp_path):
     trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
     assert opt.step_count == 6
     assert torch.equal(flat(resumed.parameters()), flat(uninterrupted.parameters()))
+
+
+def test_hf_trainer_load_best_model_at_end_loads_clean_weights_consistently(tmp_path):
+    from fsgld_fused.integrations import CleanWeightsTrainerCallback
+
+    transformers, TinyConfig, TinyRegressor, Recorder = hf_classes()
+    model, recorder = TinyRegressor(TinyConfig()), Recorder()
+    trainer, opt = hf_trainer(transformers, model, tmp_path, [recorder, CleanWeightsTrainerCallback()],
+                              eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+                              load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                              greater_is_better=True)  # "best" = highest loss: an early checkpoint
+    trainer.train()
+    best = int(Path(trainer.state.best_model_checkpoint).name.split("-")[1])
+    assert best != 6  # an earlier checkpoint was loaded
+    assert not opt.is_perturbed  # the loaded weights are clean, and the optimizer says so
+    assert torch.equal(flat(model.parameters()), recorder.clean[best])
