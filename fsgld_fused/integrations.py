@@ -117,7 +117,7 @@ def _lightning_callback_class() -> type:
                 self._state_dict_hook.remove()
                 self._state_dict_hook = None
 
-    CleanWeightsCallback.__module__ = __name__
+    CleanWeightsCallback.__module__, CleanWeightsCallback.__qualname__ = __name__, CleanWeightsCallback.__name__  # picklable by name
     return CleanWeightsCallback
 
 
@@ -156,7 +156,7 @@ def _transformers_callback_class() -> type:
             if control.should_evaluate or control.should_save or control.should_training_stop:
                 _restore(_fsgld_optimizers([optimizer]))
 
-    CleanWeightsTrainerCallback.__module__ = __name__
+    CleanWeightsTrainerCallback.__module__, CleanWeightsTrainerCallback.__qualname__ = __name__, CleanWeightsTrainerCallback.__name__  # picklable by name
     return CleanWeightsTrainerCallback
 
 

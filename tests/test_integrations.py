@@ -58,6 +58,19 @@ def test_importing_the_package_and_module_imports_no_framework():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+@pytest.mark.parametrize("name, framework", [("CleanWeightsCallback", "lightning.pytorch"),
+                                             ("CleanWeightsTrainerCallback", "transformers")])
+def test_callbacks_pickle_by_name(name, framework):
+    # ddp_spawn and multiprocessing send callbacks to other processes by pickling them.
+    import pickle
+
+    pytest.importorskip(framework, reason=f"{framework} is not installed")
+    import fsgld_fused.integrations as integrations
+
+    callback = getattr(integrations, name)()
+    assert type(pickle.loads(pickle.dumps(callback))) is type(callback)
+
+
 # -- EMA / SWA: torch.optim.swa_utils.AveragedModel -------------------------------------------
 
 
@@ -182,8 +195,8 @@ def test_lightning_validation_test_and_checkpoints_see_clean_weights_and_trainin
     full = ModelCheckpoint(dirpath=tmp_path / "full", every_n_train_steps=2, save_top_k=-1, filename="{step}")
     weights = ModelCheckpoint(dirpath=tmp_path / "weights", every_n_train_steps=3, save_top_k=-1,
                               save_weights_only=True, filename="{step}")
-    trainer = lightning_trainer(L, max_epochs=2, val_check_interval=2, callbacks=[CleanWeightsCallback(), full, weights],
-                                enable_checkpointing=True)
+    trainer = lightning_trainer(L, max_epochs=2, val_check_interval=2, enable_checkpointing=True,
+                                callbacks=[CleanWeightsCallback(), full, weights])
     trainer.fit(model, lightning_loader(), lightning_loader(8))
     opt = trainer.optimizers[0]
     steps = 12
@@ -327,7 +340,9 @@ def hf_trainer(transformers, model, output_dir, callbacks, **kwargs):
 
 
 @pytest.mark.parametrize("trainer_calls_train_eval", [True, False], ids=["optimizer-train-eval", "callback-alone"])
-def test_hf_trainer_evaluate_checkpoints_and_save_model_see_clean_weights(tmp_path, monkeypatch, trainer_calls_train_eval):
+def test_hf_trainer_evaluate_checkpoints_and_save_model_see_clean_weights(
+    tmp_path, monkeypatch, trainer_calls_train_eval
+):
     from safetensors.torch import load_file
 
     from fsgld_fused.integrations import CleanWeightsTrainerCallback
