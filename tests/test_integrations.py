@@ -174,9 +174,8 @@ def lightning_trainer(L, **kwargs):
 
 @pytest.mark.parametrize("optimization", ["automatic", "manual"])
 def test_lightning_validation_test_and_checkpoints_see_clean_weights_and_training_is_unchanged(tmp_path, optimization):
-    from fsgld_fused.integrations import CleanWeightsCallback
-
     L, Regressor = lightning_module_class()
+    from fsgld_fused.integrations import CleanWeightsCallback
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     class Run(Regressor):
@@ -238,9 +237,8 @@ def test_lightning_validation_test_and_checkpoints_see_clean_weights_and_trainin
 
 
 def test_lightning_resume_from_a_checkpoint_continues_the_same_chain(tmp_path):
-    from fsgld_fused.integrations import CleanWeightsCallback
-
     L, Regressor = lightning_module_class()
+    from fsgld_fused.integrations import CleanWeightsCallback
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     uninterrupted = Regressor()
@@ -343,14 +341,14 @@ def hf_trainer(transformers, model, output_dir, callbacks, **kwargs):
 def test_hf_trainer_evaluate_checkpoints_and_save_model_see_clean_weights(
     tmp_path, monkeypatch, trainer_calls_train_eval
 ):
+    transformers, TinyConfig, TinyRegressor, Recorder = hf_classes()
     from safetensors.torch import load_file
 
     from fsgld_fused.integrations import CleanWeightsTrainerCallback
 
-    transformers, TinyConfig, TinyRegressor, Recorder = hf_classes()
     if not trainer_calls_train_eval:  # as with a transformers that predates optimizer.train()/eval()
-        monkeypatch.delattr(FSGLD, "train")
-        monkeypatch.delattr(FSGLD, "eval")
+        monkeypatch.delattr(FSGLD, "train", raising=False)
+        monkeypatch.delattr(FSGLD, "eval", raising=False)
 
     plain_model = TinyRegressor(TinyConfig())
     trainer, _ = hf_trainer(transformers, plain_model, tmp_path / "plain", [Recorder(), CleanWeightsTrainerCallback()])
@@ -414,9 +412,8 @@ def test_hf_readme_snippet(tmp_path, monkeypatch):
 
 
 def test_hf_trainer_resume_from_checkpoint_continues_the_same_chain(tmp_path):
-    from fsgld_fused.integrations import CleanWeightsTrainerCallback
-
     transformers, TinyConfig, TinyRegressor, _ = hf_classes()
+    from fsgld_fused.integrations import CleanWeightsTrainerCallback
     uninterrupted = TinyRegressor(TinyConfig())
     trainer, _ = hf_trainer(transformers, uninterrupted, tmp_path, [CleanWeightsTrainerCallback()],
                             save_strategy="steps", save_steps=3)
@@ -430,9 +427,8 @@ def test_hf_trainer_resume_from_checkpoint_continues_the_same_chain(tmp_path):
 
 
 def test_hf_trainer_load_best_model_at_end_loads_clean_weights_consistently(tmp_path):
-    from fsgld_fused.integrations import CleanWeightsTrainerCallback
-
     transformers, TinyConfig, TinyRegressor, Recorder = hf_classes()
+    from fsgld_fused.integrations import CleanWeightsTrainerCallback
     model, recorder = TinyRegressor(TinyConfig()), Recorder()
     trainer, opt = hf_trainer(transformers, model, tmp_path, [recorder, CleanWeightsTrainerCallback()],
                               eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
