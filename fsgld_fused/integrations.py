@@ -73,12 +73,20 @@ def _lightning_callback_class() -> type:
         A checkpoint resumed with `fit(ckpt_path=...)` continues the same chain: its weights and
         optimizer state are clean, and the first batch perturbs them again.
 
+        Args:
+            clean_after_each_batch: also restore the weights after every training batch (the next
+                batch perturbs them again), for callbacks that read them after the optimizer step,
+                such as `WeightAveraging` (EMA) and `StochasticWeightAveraging`: list this callback
+                before them. Costs one restore and one perturb per batch. Without it the weights
+                are clean at every epoch end, so epoch-end averaging sees clean weights anyway.
+
         Taking the LightningModule's state_dict between a training forward and its backward
         would restore weights that autograd saved; backward then raises (it is not silent).
         """
 
-        def __init__(self) -> None:
+        def __init__(self, clean_after_each_batch: bool = False) -> None:
             super().__init__()
+            self.clean_after_each_batch = clean_after_each_batch
             self._state_dict_hook = None
 
         def on_fit_start(self, trainer, pl_module) -> None:
@@ -91,6 +99,15 @@ def _lightning_callback_class() -> type:
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             _perturb(_fsgld_optimizers(trainer.optimizers))
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if self.clean_after_each_batch:
+                _restore(_fsgld_optimizers(trainer.optimizers))
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            # Clean before epoch-end readers, and before on_train_end, where averaging callbacks
+            # copy their average into the module (a restore after that would shift the average).
+            _restore(_fsgld_optimizers(trainer.optimizers))
 
         def on_train_end(self, trainer, pl_module) -> None:
             _restore(_fsgld_optimizers(trainer.optimizers))
@@ -117,7 +134,9 @@ def _lightning_callback_class() -> type:
                 self._state_dict_hook.remove()
                 self._state_dict_hook = None
 
-    CleanWeightsCallback.__module__, CleanWeightsCallback.__qualname__ = __name__, CleanWeightsCallback.__name__  # picklable by name
+    # Picklable by name (ddp_spawn and multiprocessing send callbacks to other processes).
+    CleanWeightsCallback.__module__ = __name__
+    CleanWeightsCallback.__qualname__ = CleanWeightsCallback.__name__
     return CleanWeightsCallback
 
 
@@ -156,7 +175,9 @@ def _transformers_callback_class() -> type:
             if control.should_evaluate or control.should_save or control.should_training_stop:
                 _restore(_fsgld_optimizers([optimizer]))
 
-    CleanWeightsTrainerCallback.__module__, CleanWeightsTrainerCallback.__qualname__ = __name__, CleanWeightsTrainerCallback.__name__  # picklable by name
+    # Picklable by name (ddp_spawn and multiprocessing send callbacks to other processes).
+    CleanWeightsTrainerCallback.__module__ = __name__
+    CleanWeightsTrainerCallback.__qualname__ = CleanWeightsTrainerCallback.__name__
     return CleanWeightsTrainerCallback
 
 

@@ -255,6 +255,33 @@ def test_lightning_resume_from_a_checkpoint_continues_the_same_chain(tmp_path):
     assert torch.equal(flat(resumed.parameters()), flat(uninterrupted.parameters()))
 
 
+def test_lightning_weight_averaging_averages_clean_weights():
+    from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+    L, Regressor = lightning_module_class()
+    from fsgld_fused.integrations import CleanWeightsCallback
+
+    callbacks = pytest.importorskip("lightning.pytorch.callbacks")
+    if not hasattr(callbacks, "WeightAveraging"):
+        pytest.skip("this Lightning has no WeightAveraging callback")
+    model = Regressor()
+    averaging = callbacks.WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    clean = CleanWeightsCallback(clean_after_each_batch=True)
+    trainer = lightning_trainer(L, max_epochs=2, callbacks=[clean, averaging])
+    trainer.fit(model, lightning_loader(16))
+    assert trainer.optimizers[0].step_count == 8
+
+    ema, expected = get_ema_multi_avg_fn(0.9), None
+    for step in range(1, 9):
+        clean = list(model.clean_after_step[step].clone().split(1))
+        if expected is None:
+            expected = clean
+        else:
+            ema(expected, clean, 1)
+    # WeightAveraging copies its average into the module when fit ends.
+    assert torch.allclose(flat(model.parameters()), torch.cat(expected), rtol=0, atol=1e-6)
+
+
 def test_lightning_readme_snippet(tmp_path, monkeypatch):
     L, _ = lightning_module_class()
     monkeypatch.chdir(tmp_path)
