@@ -768,6 +768,18 @@ class FSGLD(Optimizer):
                 lines.append(f"    {key}: {value}")
         return "\n".join(lines) + "\n)"
 
+    # -- train()/eval(): the protocol of schedule-free optimizers ------------------------
+    # Trainers that support schedule-free optimizers call optimizer.train() before each training
+    # forward and optimizer.eval() before evaluating (Hugging Face Trainer's training_step and
+    # evaluation_loop, through accelerate's AcceleratedOptimizer), so they evaluate on clean weights.
+    def train(self) -> None:
+        """Weights for a training forward: perturbed, as `perturb()` (idempotent)."""
+        self.perturb()
+
+    def eval(self) -> None:
+        """Weights for evaluation: clean, as `restore()` (idempotent); `train()` perturbs again."""
+        self.restore()
+
 
 def _upgrade_top_level_chain(state_dict: dict[str, Any]) -> dict[str, Any]:
     """A state dict of fsgld-fused 0.1 kept the chain in a top-level "fsgld" entry (seed, step,
