@@ -5,7 +5,8 @@ import os
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict, set_state_dict)
 
 STEPS = 5
 
@@ -79,9 +80,10 @@ def fsdp_dcp_worker(rank, world, port, backend, out_dir):
             before = local_state(m2, opt2)
             msd2, osd2 = get_state_dict(m2, opt2)  # on a fresh optimizer: no dummy step
             untouched = opt2.step_count == 0 and all(torch.equal(a, b) for a, b in zip(before, local_state(m2, opt2)))
-            if kind == "full":
-                set_state_dict(m2, opt2, model_state_dict=full_msd, optim_state_dict=full_osd,
-                               options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+            if kind == "full":  # rank 0 holds the full state dict, the other ranks an empty one
+                bcast = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+                set_model_state_dict(m2, full_msd, options=bcast)
+                set_optimizer_state_dict(m2, opt2, full_osd, options=bcast)
             else:
                 state = {"model": msd2, "optim": osd2}
                 dcp.load(state, checkpoint_id=os.path.join(out_dir, kind))
