@@ -4,9 +4,10 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict, set_state_dict)
+                                                     set_optimizer_state_dict)
+
+from _readme import readme_snippet
 
 STEPS = 5
 
@@ -44,8 +45,6 @@ def local_state(m, opt):
 
 
 def fsdp_dcp_worker(rank, world, port, backend, out_dir):
-    from torch.distributed.fsdp import fully_shard
-
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -53,20 +52,19 @@ def fsdp_dcp_worker(rank, world, port, backend, out_dir):
 
     def sharded():
         m = model()
-        fully_shard(m[0])
-        fully_shard(m[2])
-        fully_shard(m)
+        exec(readme_snippet("fsdp2"), {"model": m, "blocks": [m[0], m[2]]})  # shards as the README does
         return m
+
+    def dcp_snippet(name, m, o, path):
+        exec(readme_snippet(name), {"model": m, "opt": o, "path": os.path.join(out_dir, path)})
 
     try:
         m = sharded()
         opt = optimizer(m, backend)
         train(m, opt, batches(STEPS), rank, world)
-        msd, osd = get_state_dict(m, opt)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(out_dir, "as_is"))
+        dcp_snippet("dcp-save", m, opt, "as_is")
         with opt.unperturbed():
-            msd, osd = get_state_dict(m, opt)
-            dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(out_dir, "clean"))
+            dcp_snippet("dcp-save", m, opt, "clean")
         full_opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         full_msd, full_osd = get_state_dict(m, opt, options=full_opts)  # rank 0 holds it, on the CPU
         train(m, opt, batches(STEPS, start=STEPS), rank, world)
@@ -78,16 +76,14 @@ def fsdp_dcp_worker(rank, world, port, backend, out_dir):
             m2 = sharded()
             opt2 = optimizer(m2, backend, seed=None)
             before = local_state(m2, opt2)
-            msd2, osd2 = get_state_dict(m2, opt2)  # on a fresh optimizer: no dummy step
+            get_state_dict(m2, opt2)  # on a fresh optimizer: must not step it (no dummy step)
             untouched = opt2.step_count == 0 and all(torch.equal(a, b) for a, b in zip(before, local_state(m2, opt2)))
             if kind == "full":  # rank 0 holds the full state dict, the other ranks an empty one
                 bcast = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
                 set_model_state_dict(m2, full_msd, options=bcast)
                 set_optimizer_state_dict(m2, opt2, full_osd, options=bcast)
             else:
-                state = {"model": msd2, "optim": osd2}
-                dcp.load(state, checkpoint_id=os.path.join(out_dir, kind))
-                set_state_dict(m2, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
+                dcp_snippet("dcp-load", m2, opt2, kind)
             if kind == "clean":
                 opt2.perturb()  # saved under unperturbed(): the next forward needs its perturbation back
             loaded = (opt2.seed, opt2.step_count) == (opt.seed, STEPS)

@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import _dcp_workers as W
+from _readme import readme_snippet
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 
@@ -48,18 +49,26 @@ def test_resume_from_a_checkpoint_saved_under_unperturbed(checkpoints):
 def test_dcp_checkpoint_resharded_to_one_process(checkpoints):
     """The 2-rank checkpoint loaded into one unsharded process continues the same stream (each
     shard drew its slice of the unsharded stream); gradients differ from the 2-rank mean by rounding."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
     out, results = checkpoints
     m = W.model()
     opt = W.optimizer(m, "cpu", seed=None)
-    msd, osd = get_state_dict(m, opt)
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=os.path.join(out, "as_is"))
-    set_state_dict(m, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    exec(readme_snippet("dcp-load"), {"model": m, "opt": opt, "path": os.path.join(out, "as_is")})
     assert opt.step_count == W.STEPS and opt.is_perturbed
     W.train(m, opt, W.batches(W.STEPS, start=W.STEPS), 0, 1)
     with opt.unperturbed():
         for p, q in zip(m.parameters(), results[0]["full_clean"]):
             torch.testing.assert_close(p.detach(), q, atol=2e-6, rtol=0)
+
+
+def test_ddp_snippet_runs(tmp_path):
+    """README's DDP lines in a one-process group (tests/test_distributed.py runs DDP on 2 and 4 ranks)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ns = {"model": W.model()}
+        exec(readme_snippet("ddp"), ns)
+        x, y = W.batches(1)[0]
+        torch.nn.functional.mse_loss(ns["model"](x), y).backward()
+        ns["opt"].step()
+        assert ns["opt"].step_count == 1 and ns["opt"].is_perturbed
+    finally:
+        dist.destroy_process_group()

@@ -17,22 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _readme import readme_snippet
 from fsgld_fused import FSGLD
 
 # Nothing may be fetched from the Hub (and no experiment tracker may start).
 for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "WANDB_DISABLED"):
     os.environ.setdefault(_var, "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-
-README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def readme_snippet(name: str) -> str:
-    """The ```python block right after `<!-- test: NAME -->` in README.md (exactly one)."""
-    blocks = re.findall(rf"<!-- test: {re.escape(name)} -->\s*```python\n(.*?)^```", README.read_text(), re.S | re.M)
-    assert len(blocks) == 1, f"README.md needs exactly one python block marked <!-- test: {name} -->"
-    return blocks[0]
-
 
 def flat(params) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in params]).clone()
