@@ -29,18 +29,29 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import required
 
 from . import _backends
+from .reference import substream_offset
 
 __all__ = ["FSGLD"]
 
 _SEED_LIMIT = 1 << 64
 _NONFINITE = ("raise", "skip", "ignore")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+_PERTURBATIONS = ("gaussian", "rademacher")
 # The chain state every parameter's entry of state_dict() carries (plain Python numbers, which
 # load_state_dict never casts). Per parameter, not top-level: torch.distributed.checkpoint keeps
 # only "state" and "param_groups". The perturbation applied to a parameter lives in its state
-# all the time ("applied_sigma"), so the optimizer's state is never empty and DCP never runs its
-# zero-lr initialisation step on it.
+# all the time ("applied_sigma", "applied_rademacher"), so the optimizer's state is never empty
+# and DCP never runs its zero-lr initialisation step on it.
 _CHAIN_KEYS = ("seed", "step", "skipped_steps")
+
+
+def _applied(state: dict[str, Any]) -> tuple[float, bool]:
+    """(sigma, rademacher) of the perturbation a param carries now; sigma 0.0 means clean."""
+    return state.get("applied_sigma", 0.0), state.get("applied_rademacher", False)
+
+
+def _set_applied(state: dict[str, Any], sigma: float, rademacher: bool) -> None:
+    state["applied_sigma"], state["applied_rademacher"] = float(sigma), bool(rademacher) and sigma != 0.0
 
 
 def coupled_sigma(beta: float, eta: float) -> float:
@@ -75,6 +86,18 @@ def _check_hparams(group: dict[str, Any], capturable: bool = False) -> None:
     for key in ("perturb_ahead", "master_weights", "maximize"):
         if not isinstance(group[key], bool):
             raise ValueError(f"{key} must be a bool, got {group[key]!r}")
+    if group["perturbation"] not in _PERTURBATIONS:
+        raise ValueError(f"perturbation must be one of {_PERTURBATIONS}, got {group['perturbation']!r}")
+    n_pert = group["n_pert"]
+    if isinstance(n_pert, bool) or not isinstance(n_pert, int) or n_pert < 1:
+        raise ValueError(f"Invalid n_pert: {n_pert!r} (need an int >= 1: perturbations per step)")
+    if not isinstance(group["antithetic"], bool):
+        raise ValueError(f"antithetic must be a bool, got {group['antithetic']!r}")
+    if group["antithetic"] and n_pert != 2:
+        raise ValueError(f"antithetic=True evaluates the pair +eps, -eps: it needs n_pert=2, got n_pert={n_pert}")
+    if capturable and group["perturbation"] == "rademacher":
+        raise ValueError("capturable=True with perturbation='rademacher' is not supported yet: the Rademacher "
+                         "perturbation is not fused into the kernels (use the Gaussian one under CUDA graphs)")
     for key in ("foreach", "fused"):
         if group[key] not in (None, False, True):
             raise ValueError(f"{key} must be None, False or True, got {group[key]!r}")
@@ -170,6 +193,8 @@ class _Call:
     backend: Any
     device: torch.device
     sigma: float  # the sigma these params carry now (restore), or the one to add (perturb)
+    rademacher: bool = False  # eps are signs (SPEC 2b), not normals
+    substream: int = 0  # j of n_pert perturbations: the stream shifted by substream_offset(j)
     params: list = field(default_factory=list)
     pids: list = field(default_factory=list)
     offsets: list = field(default_factory=list)
@@ -182,7 +207,7 @@ class _Call:
         tensor, offset, strided = view
         self.params.append(tensor)
         self.pids.append(pid)
-        self.offsets.append(offset)
+        self.offsets.append(offset + (substream_offset(self.substream, self.rademacher) if self.substream else 0))
         if master is not None:
             self.masters.append(master)
         if grad is not None:
@@ -204,10 +229,11 @@ class _GroupPlan:
 
     group: dict
     new_sigma: float
+    new_rademacher: bool
     stepped: dict = field(default_factory=dict)  # (backend, device, dtype, sigma, master, update) -> _Call
     restores: dict = field(default_factory=dict)  # (backend, device, dtype, sigma, master) -> _Call
     perturbs: dict = field(default_factory=dict)
-    applied: list = field(default_factory=list)  # (param state, applied sigma after the step)
+    applied: list = field(default_factory=list)  # (param state, (sigma, rademacher) applied after the step)
 
 
 class FSGLD(Optimizer):
@@ -233,6 +259,11 @@ class FSGLD(Optimizer):
         capturable: keep the step counter in a tensor on the params' device, advanced there (and
             accept a one-element float32 Tensor lr), so a CUDA graph of the step replays with fresh
             noise; needs nonfinite="ignore".
+        perturbation: the distribution of eps: "gaussian" (the paper's analysed default) or
+            "rademacher" (random signs, SPEC 2b: the same sigma^2/2 tr(H) flatness term).
+        n_pert: perturbations per step (closure only): the gradient is the mean of the closure's
+            gradients at theta + sigma*eps_{k,j}, j < n_pert.
+        antithetic: with n_pert=2, evaluate at +eps_k and -eps_k.
         maximize: ascend the objective (the gradient's sign flipped; weight decay unchanged).
         foreach, fused: accepted as `torch.optim` passes them. FSGLD always runs one fused
             multi-tensor kernel per (backend, device, dtype); fused=True also refuses
@@ -264,6 +295,9 @@ class FSGLD(Optimizer):
         nonfinite: str = "raise",
         capturable: bool = False,
         *,
+        perturbation: str = "gaussian",
+        n_pert: int = 1,
+        antithetic: bool = False,
         maximize: bool = False,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
@@ -271,7 +305,8 @@ class FSGLD(Optimizer):
     ) -> None:
         defaults = dict(lr=lr, beta=beta, sigma=sigma, eta=eta, weight_decay=weight_decay, momentum=momentum,
                         perturb_ahead=perturb_ahead, backend=backend, master_weights=master_weights,
-                        maximize=maximize, foreach=foreach, fused=fused, differentiable=differentiable)
+                        perturbation=perturbation, n_pert=n_pert, antithetic=antithetic, maximize=maximize,
+                        foreach=foreach, fused=fused, differentiable=differentiable)
         if not isinstance(capturable, bool):
             raise ValueError(f"capturable must be a bool, got {capturable!r}")
         self.capturable = capturable
@@ -296,7 +331,7 @@ class FSGLD(Optimizer):
         #   skipped_steps: steps skipped for non-finite gradients or AMP overflow
         #   step_t: capturable only, one int64 counter per device, advanced on the device; when
         #     present it is the authoritative k
-        # The sigma applied to each param is in its state: self.state[p]["applied_sigma"].
+        # The perturbation applied to each param is in its state: _applied(self.state[p]).
         self._chain: dict[str, Any] = {"seed": _check_seed(seed), "step": 0, "skipped_steps": 0, "step_t": {}}
         super().__init__(params, defaults)
 
@@ -325,7 +360,7 @@ class FSGLD(Optimizer):
         group = self.param_groups[-1]
         for p in group["params"]:  # weights are clean now: masters copy them before any perturbation
             state = self.state[p]
-            state.setdefault("applied_sigma", 0.0)
+            _set_applied(state, *_applied(state))
             state.update(self._new_state(group, p, state))
 
     def _new_state(self, group: dict[str, Any], p: torch.Tensor, state: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -336,7 +371,7 @@ class FSGLD(Optimizer):
             return new
         local = _local(p.detach())[0]
         if group["master_weights"] and p.dtype in _LOW_PRECISION and "master" not in state:
-            if state.get("applied_sigma", 0.0) != 0.0:
+            if _applied(state)[0] != 0.0:
                 raise RuntimeError("master_weights was turned on while the weights are perturbed: call restore() "
                                    "first, so that the fp32 master copies clean weights")
             new["master"] = _state_like(p, local.float().clone(memory_format=torch.contiguous_format))
@@ -376,7 +411,7 @@ class FSGLD(Optimizer):
 
     @property
     def is_perturbed(self) -> bool:
-        return any(self.state[p].get("applied_sigma", 0.0) != 0.0 for g in self.param_groups for p in g["params"])
+        return any(_applied(self.state[p])[0] != 0.0 for g in self.param_groups for p in g["params"])
 
     # -- helpers -------------------------------------------------------------------------
     @staticmethod
@@ -421,12 +456,12 @@ class FSGLD(Optimizer):
         """Frozen params are never touched; meta tensors hold no data to touch."""
         return p.requires_grad and p.device.type != "meta"
 
-    def _shift_call(self, calls: dict, group, p, pid, sigma: float, view) -> None:
-        """Add p to the restore_/perturb_ call of its (backend, device, dtype, sigma, master)."""
+    def _shift_call(self, calls: dict, group, p, pid, applied: tuple[float, bool], view, substream: int = 0) -> None:
+        """Add p to the restore_/perturb_ call of its (backend, device, dtype, perturbation, master)."""
         master = self._master(p)
-        key = (group["backend"], p.device, p.dtype, sigma, master is not None)
+        key = (group["backend"], p.device, p.dtype, applied, substream, master is not None)
         if key not in calls:
-            calls[key] = _Call(self._backend(group, p), p.device, sigma)
+            calls[key] = _Call(self._backend(group, p), p.device, applied[0], applied[1], substream)
         calls[key].add(view, pid, master)
 
     def _run_shifts(self, calls: dict, ahead: int, perturb: bool) -> None:
@@ -434,26 +469,31 @@ class FSGLD(Optimizer):
             fn = call.backend.ops.perturb_ if perturb else call.backend.ops.restore_
             step, step_t = self._step_arg(call.device, ahead)
             fn(call.params, call.pids, self.seed, step, call.sigma, offsets=call.offsets, masters=call.masters,
-               step_t=step_t)
+               step_t=step_t, rademacher=call.rademacher)
             call.write_back()
+
+    @staticmethod
+    def group_perturbation(group: dict[str, Any]) -> tuple[float, bool]:
+        """(sigma, rademacher): what perturbing this group adds now."""
+        return FSGLD.group_sigma(group), group["perturbation"] == "rademacher"
 
     # -- perturbation control ------------------------------------------------------------
     @torch.no_grad()
     def perturb(self) -> None:
         """Add sigma * eps_k to every clean trainable param (eps of the current step k). Idempotent."""
         calls: dict = {}
-        applied = []  # (param state, sigma added)
+        applied = []  # (param state, perturbation added)
         for group, pids in self._groups_with_pids():
             _check_hparams(group, self.capturable)
-            sigma = self.group_sigma(group)
+            pert = self.group_perturbation(group)
             for p, pid in zip(group["params"], pids):
                 state = self.state[p]
-                if sigma != 0.0 and self._touchable(p) and state.get("applied_sigma", 0.0) == 0.0:
-                    self._shift_call(calls, group, p, pid, sigma, self._view(p))
-                    applied.append((state, sigma))
+                if pert[0] != 0.0 and self._touchable(p) and _applied(state)[0] == 0.0:
+                    self._shift_call(calls, group, p, pid, pert, self._view(p))
+                    applied.append((state, pert))
         self._run_shifts(calls, 0, perturb=True)
-        for state, sigma in applied:
-            state["applied_sigma"] = sigma
+        for state, pert in applied:
+            _set_applied(state, *pert)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -464,55 +504,57 @@ class FSGLD(Optimizer):
         for group, pids in self._groups_with_pids():
             for p, pid in zip(group["params"], pids):
                 state = self.state[p]
-                if state.get("applied_sigma", 0.0) != 0.0 and p.device.type != "meta":
-                    self._shift_call(calls, group, p, pid, state["applied_sigma"], self._view(p))
+                if _applied(state)[0] != 0.0 and p.device.type != "meta":
+                    self._shift_call(calls, group, p, pid, _applied(state), self._view(p))
                     restored.append(state)
         self._run_shifts(calls, 0, perturb=False)
         for state in restored:
-            state["applied_sigma"] = 0.0
+            _set_applied(state, 0.0, False)
 
     @contextlib.contextmanager
     def unperturbed(self) -> Iterator[None]:
         """Clean weights inside the block (evaluation, `model.state_dict()`); the same
         perturbation after it, also when the block raises."""
         params = [(g, p, pid) for g, pids in self._groups_with_pids() for p, pid in zip(g["params"], pids)]
-        applied = [self.state[p].get("applied_sigma", 0.0) for _, p, _ in params]
+        applied = [_applied(self.state[p]) for _, p, _ in params]
         self.restore()
         try:
             yield
         finally:
             with torch.no_grad():
                 calls: dict = {}
-                for (group, p, pid), sigma in zip(params, applied):
-                    if sigma != 0.0:
-                        self._shift_call(calls, group, p, pid, sigma, self._view(p))
+                for (group, p, pid), pert in zip(params, applied):
+                    if pert[0] != 0.0:
+                        self._shift_call(calls, group, p, pid, pert, self._view(p))
                 self._run_shifts(calls, 0, perturb=True)
-            for (_, p, _), sigma in zip(params, applied):
-                self.state[p]["applied_sigma"] = sigma
+            for (_, p, _), pert in zip(params, applied):
+                _set_applied(self.state[p], *pert)
 
     # -- the step ------------------------------------------------------------------------
     # Not named _init_group: Dynamo special-cases that name with torch.optim's return contract.
     def _plan_group(self, group: dict[str, Any], pids: list[int], new_state: dict) -> _GroupPlan:
         """Every tensor of one group in its kernel call, checked; nothing is modified."""
         _check_hparams(group, self.capturable)
-        plan = _GroupPlan(group, self.group_sigma(group) if group["perturb_ahead"] else 0.0)
+        sigma, rademacher = self.group_perturbation(group)
+        plan = _GroupPlan(group, sigma if group["perturb_ahead"] else 0.0, rademacher)
+        new_pert = (plan.new_sigma, rademacher if plan.new_sigma != 0.0 else False)
         lr = group["lr"]
         for p, pid in zip(group["params"], pids):
             state = self.state[p]
-            old_sigma = state.get("applied_sigma", 0.0)
+            old = _applied(state)
             if not self._touchable(p):
-                if old_sigma != 0.0 and p.device.type != "meta":  # frozen since it was perturbed
-                    self._shift_call(plan.restores, group, p, pid, old_sigma, self._view(p))
-                    plan.applied.append((state, 0.0))
+                if old[0] != 0.0 and p.device.type != "meta":  # frozen since it was perturbed
+                    self._shift_call(plan.restores, group, p, pid, old, self._view(p))
+                    plan.applied.append((state, (0.0, False)))
                 continue
             view = self._view(p)
-            plan.applied.append((state, plan.new_sigma))
+            plan.applied.append((state, new_pert))
             g = p.grad
             if g is None and not self.capturable:  # no grad: no update, no noise; the perturbation moves on
-                if old_sigma != 0.0:
-                    self._shift_call(plan.restores, group, p, pid, old_sigma, view)
+                if old[0] != 0.0:
+                    self._shift_call(plan.restores, group, p, pid, old, view)
                 if plan.new_sigma != 0.0:
-                    self._shift_call(plan.perturbs, group, p, pid, plan.new_sigma, view)
+                    self._shift_call(plan.perturbs, group, p, pid, new_pert, view)
                 continue
             if g is not None:
                 if g.is_sparse:
@@ -528,10 +570,10 @@ class FSGLD(Optimizer):
                 new_state[p] = new
             master = self._master(p, new)
             update = g is not None  # capturable: a grad-less param steps with no update (no host branch)
-            key = (group["backend"], p.device, p.dtype, 0.0 if master is not None else old_sigma,
-                   master is not None, update)
+            restore = (0.0, False) if master is not None else old  # a master is clean: nothing to restore
+            key = (group["backend"], p.device, p.dtype, restore, master is not None, update)
             if key not in plan.stepped:
-                plan.stepped[key] = _Call(backend, p.device, key[3])
+                plan.stepped[key] = _Call(backend, p.device, *restore)
             grad = _local(g)[0] if update else torch.zeros_like(view[0])
             buf = None
             if group["momentum"] != 0.0 and update:
@@ -593,22 +635,73 @@ class FSGLD(Optimizer):
                     offsets=call.offsets, masters=call.masters, grad_scale=scale if update else None,
                     found_inf=None if found_inf is None else found_inf.to(device=device, dtype=torch.float32),
                     step_t=step_t, lr_t=lr_t if update else None,
+                    restore_rademacher=call.rademacher, perturb_rademacher=plan.new_rademacher,
                 )  # fmt: skip
                 call.write_back()
             self._run_shifts(plan.restores, 0, perturb=False)
             self._run_shifts(plan.perturbs, 1, perturb=True)
-            for state, sigma in plan.applied:
-                state["applied_sigma"] = sigma
+            for state, pert in plan.applied:
+                _set_applied(state, *pert)
+
+    def _perturbations_per_step(self) -> tuple[int, bool]:
+        """(n_pert, antithetic): one closure evaluation perturbs every group, so all agree."""
+        values = {(g["n_pert"], g["antithetic"]) for g in self.param_groups}
+        if len(values) > 1:
+            raise ValueError(f"n_pert and antithetic must be the same in every param group, got {sorted(values)}")
+        return values.pop() if values else (1, False)
+
+    def _mean_gradient(self, closure: Callable[[], Any], n_pert: int, antithetic: bool) -> Any:
+        """Evaluate the closure at theta + sigma*eps_{k,j}, j < n_pert (antithetic: +eps_k, -eps_k)
+        and leave the mean of its gradients in .grad and the weights clean. The gradients are
+        summed here (each evaluation starts from .grad = None), so a closure that zeroes them
+        does no harm; the mean of the losses is returned. If the closure raises, the weights are
+        clean and the error propagates."""
+        for group in self.param_groups:
+            _check_hparams(group, self.capturable)
+        self.restore()
+        params = [(g, p, pid) for g, pids in self._groups_with_pids() for p, pid in zip(g["params"], pids)
+                  if self._touchable(p)]
+        sums: dict[torch.Tensor, torch.Tensor] = {}
+        losses = []
+        for j in range(n_pert):
+            calls: dict = {}
+            for group, p, pid in params:
+                sigma, rademacher = self.group_perturbation(group)
+                if sigma != 0.0:
+                    sign, sub = (-1.0 if j else 1.0, 0) if antithetic else (1.0, j)
+                    self._shift_call(calls, group, p, pid, (sign * sigma, rademacher), self._view(p), sub)
+                p.grad = None
+            self._run_shifts(calls, 0, perturb=True)
+            try:
+                with torch.enable_grad():
+                    losses.append(closure())
+            finally:
+                self._run_shifts(calls, 0, perturb=False)
+            for _, p, _ in params:
+                if p.grad is not None:
+                    sums[p] = p.grad if p not in sums else sums[p].add_(p.grad)
+        for _, p, _ in params:
+            p.grad = sums[p].div_(n_pert) if p in sums else None
+        if all(isinstance(x, torch.Tensor) for x in losses):
+            return torch.stack([x.detach() for x in losses]).mean()
+        return losses[-1]
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        """One fSGLD step. With a closure: perturb if needed, evaluate it there, then step.
+        """One fSGLD step. With a closure: perturb if needed, evaluate it there, then step. With
+        n_pert > 1 (closure required), the gradient is the mean over the perturbations.
 
         If the closure raises, the weights are restored (clean) and the error propagates. Every
         check runs before any tensor is modified: a step that raises changes nothing.
         """
         loss = None
-        if closure is not None:
+        n_pert, antithetic = self._perturbations_per_step()
+        if n_pert > 1:
+            if closure is None:
+                raise ValueError(f"n_pert={n_pert} evaluates the loss at {n_pert} perturbations per step: pass a "
+                                 "closure to step()")
+            loss = self._mean_gradient(closure, n_pert, antithetic)
+        elif closure is not None:
             self.perturb()
             try:
                 with torch.enable_grad():
@@ -662,7 +755,7 @@ class FSGLD(Optimizer):
         state = dict(state_dict["state"])  # new per-param dicts: the packed ones are self.state's own
         for group in state_dict["param_groups"]:
             for idx in group["params"]:
-                state[idx] = {"applied_sigma": 0.0, **state.get(idx, {}), **chain}
+                state[idx] = {"applied_sigma": 0.0, "applied_rademacher": False, **state.get(idx, {}), **chain}
         return {**state_dict, "state": state}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -705,9 +798,9 @@ class FSGLD(Optimizer):
             raise ValueError(f"the parameters' states disagree on the chain (seed, step, skipped_steps): {chains}")
         seed, step, skipped = chains.pop()
         for i in saved_ids:
-            sigma = state.get(i, {}).get("applied_sigma", 0.0)
-            if not (isinstance(sigma, (int, float)) and 0.0 <= sigma < math.inf):
-                raise ValueError(f"state_dict: invalid applied_sigma {sigma!r} for param {i}")
+            sigma, rademacher = _applied(state.get(i, {}))
+            if not (isinstance(sigma, (int, float)) and 0.0 <= sigma < math.inf) or not isinstance(rademacher, bool):
+                raise ValueError(f"state_dict: invalid applied perturbation {sigma!r}, {rademacher!r} for param {i}")
         # Optimizer.load_state_dict casts floating state to the param dtype: fp32 masters (and the
         # fp32 momentum buffers that go with them) are put back in fp32 from the source.
         fp32 = {pos: {k: state[idx][k] for k in ("master", "momentum_buffer") if k in state[idx]}
@@ -725,7 +818,7 @@ class FSGLD(Optimizer):
             state = opt.state[p]
             for key in _CHAIN_KEYS:
                 state.pop(key, None)
-            state["applied_sigma"] = float(state.get("applied_sigma", 0.0))
+            _set_applied(state, *_applied(state))
             for key, value in loading["fp32"].get(pos, {}).items():
                 state[key] = value.to(device=p.device, dtype=torch.float32, copy=True)
             for key in ("master", "momentum_buffer"):  # FSDP2: full tensors become this rank's shard
@@ -794,5 +887,5 @@ def _upgrade_top_level_chain(state_dict: dict[str, Any]) -> dict[str, Any]:
     chain = {"seed": old["seed"], "step": old["step"], "skipped_steps": old.get("skipped_steps", 0)}
     for group, sigma in zip(groups, applied):
         for idx in group["params"]:
-            state[idx] = {**state.get(idx, {}), "applied_sigma": float(sigma), **chain}
+            state[idx] = {**state.get(idx, {}), "applied_sigma": float(sigma), "applied_rademacher": False, **chain}
     return {k: v for k, v in state_dict.items() if k != "fsgld"} | {"state": state}

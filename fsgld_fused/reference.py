@@ -11,6 +11,10 @@ One step of fSGLD for the weights theta (what `fused_step_` does to each element
     buf   = momentum * buf + d;  d = buf                   only with momentum (buf starts at 0)
     theta = theta - lr * d + sqrt(2 * lr / beta) * xi_k    SGLD update with Langevin noise
     theta = theta + sigma_k1 * eps_{k+1}                   next step's perturbation (perturb_ahead)
+
+eps is Gaussian (`normals`) or, with `perturbation="rademacher"`, random signs (`rademacher`,
+SPEC 2b); the Langevin noise xi is always Gaussian. Sub-stream j of several perturbations per step
+(`n_pert`) is the same stream shifted by `substream_offset(j, ...)` elements.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ import torch
 __all__ = [
     "philox4x32",
     "normals",
+    "rademacher",
+    "signs_from_words",
+    "substream_offset",
     "perturb_",
     "restore_",
     "fused_step_",
@@ -91,8 +98,36 @@ def normals(
     return lanes[start : start + numel]
 
 
-def _noise_like(p: torch.Tensor, seed: int, pid: int, step: int, kind: int, offset: int):
-    return normals(seed, pid, step, kind, p.numel(), offset).to(p.device).view(p.shape)
+def signs_from_words(words: torch.Tensor, start: int, numel: int) -> torch.Tensor:
+    """+-1.0 (float32) of SPEC 2b from the Philox words of consecutive blocks (an (n, 4) tensor,
+    any integer dtype with the words' bits): element `start + e` of the first block on is bit
+    (start + e) % 32 of word (start + e) // 32 (words in block order, w0..w3 each)."""
+    flat = words.reshape(-1).to(torch.int64) & _MASK32
+    bits = (flat.unsqueeze(1) >> torch.arange(32, device=flat.device)) & 1
+    return (bits.reshape(-1)[start : start + numel] * 2 - 1).to(torch.float32)
+
+
+def rademacher(seed: int, pid: int, step: int, numel: int, offset: int = 0) -> torch.Tensor:
+    """Random signs (SPEC 2b) of elements offset .. offset+numel-1 of parameter `pid`: one Philox
+    call (kind EPS) per 128 elements, one bit per element."""
+    if numel == 0:
+        return torch.empty(0, dtype=torch.float32)
+    first, last = offset // 128, (offset + numel - 1) // 128
+    block = torch.arange(first, last + 1, dtype=torch.int64)
+    counter = (block & _MASK32, block >> 32, step & _MASK32, ((pid << 1) | EPS) & _MASK32)
+    words = torch.stack(philox4x32(counter, (seed & _MASK32, seed >> 32)), dim=1)
+    return signs_from_words(words, offset - 128 * first, numel)
+
+
+def substream_offset(j: int, rademacher_eps: bool) -> int:
+    """Element offset that puts sub-stream j (of `n_pert` perturbations) in bits 16..31 of counter
+    word 1 (SPEC 2b): j * 2**48 blocks, of 4 elements (Gaussian) or 128 (Rademacher)."""
+    return j << (48 + (7 if rademacher_eps else 2))
+
+
+def _noise_like(p: torch.Tensor, seed: int, pid: int, step: int, kind: int, offset: int, signs: bool = False):
+    draw = rademacher(seed, pid, step, p.numel(), offset) if signs else normals(seed, pid, step, kind, p.numel(), offset)
+    return draw.to(p.device).view(p.shape)
 
 
 def _offsets(params, offsets):
@@ -112,14 +147,16 @@ def perturb_(
     offsets: Optional[Sequence[int]] = None,
     masters: Sequence[torch.Tensor] = (),
     step_t: Optional[torch.Tensor] = None,
+    rademacher: bool = False,
 ) -> None:
     """theta += sigma * eps_step. With fp32 masters: theta = round(master + sigma * eps_step).
-    step_t (capturable form): a one-element int64 tensor that replaces `step`."""
+    step_t (capturable form): a one-element int64 tensor that replaces `step`.
+    rademacher: eps is random signs (SPEC 2b) instead of normals."""
     step = step if step_t is None else int(step_t)
     offs = _offsets(params, offsets)
     for i, (p, pid, off) in enumerate(zip(params, param_ids, offs)):
         clean = masters[i] if masters else p.to(_math_dtype(p))
-        eps = _noise_like(p, seed, pid, step, EPS, off).to(clean.dtype)
+        eps = _noise_like(p, seed, pid, step, EPS, off, rademacher).to(clean.dtype)
         p.copy_(clean + sigma * eps)
 
 
@@ -132,13 +169,15 @@ def restore_(
     offsets: Optional[Sequence[int]] = None,
     masters: Sequence[torch.Tensor] = (),
     step_t: Optional[torch.Tensor] = None,
+    rademacher: bool = False,
 ) -> None:
-    """Undo perturb_ (same seed, step, sigma): theta -= sigma * eps_step; with masters, copy back."""
+    """Undo perturb_ (same seed, step, sigma, distribution): theta -= sigma * eps_step; with
+    masters, copy back."""
     if masters:
         for p, m in zip(params, masters):
             p.copy_(m)
         return
-    perturb_(params, param_ids, seed, step, -sigma, offsets, step_t=step_t)
+    perturb_(params, param_ids, seed, step, -sigma, offsets, step_t=step_t, rademacher=rademacher)
 
 
 def fused_step_(
@@ -160,6 +199,8 @@ def fused_step_(
     found_inf: Optional[torch.Tensor] = None,
     step_t: Optional[torch.Tensor] = None,
     lr_t: Optional[torch.Tensor] = None,
+    restore_rademacher: bool = False,
+    perturb_rademacher: bool = False,
 ) -> None:
     """SPEC section 3 for every tensor of the list; math in float32 (float64 params: float64).
 
@@ -168,6 +209,7 @@ def fused_step_(
     restore_sigma / perturb_sigma: 0 means "not perturbed" / "do not perturb ahead".
     Capturable form: step_t (int64) replaces `step`; lr_t (float32) replaces `lr`, and the
     Langevin std is then float32(noise_std) * sqrt(lr_t) (pass noise_std = sqrt(2 / beta)).
+    restore_rademacher / perturb_rademacher: eps_k / eps_{k+1} are signs (SPEC 2b), not normals.
     """
     if found_inf is not None and float(found_inf) != 0.0:
         return  # AMP overflow: nothing changes, not even the perturbation
@@ -180,13 +222,13 @@ def fused_step_(
     offs = _offsets(params, offsets)
     for i, (p, g, pid, off) in enumerate(zip(params, grads, param_ids, offs)):
         math_dtype = _math_dtype(p)
-        noise = lambda step_, kind: _noise_like(p, seed, pid, step_, kind, off).to(math_dtype)  # noqa: E731
+        noise = lambda step_, kind, signs=False: _noise_like(p, seed, pid, step_, kind, off, signs).to(math_dtype)  # noqa: E731
         if masters:
             theta = masters[i].to(math_dtype)
         else:
             theta = p.to(math_dtype)
             if restore_sigma != 0.0:
-                theta = theta - restore_sigma * noise(step, EPS)
+                theta = theta - restore_sigma * noise(step, EPS, restore_rademacher)
         d = g.to(math_dtype)
         if inv_scale is not None:
             d = d * inv_scale.to(d.device, math_dtype)
@@ -202,5 +244,5 @@ def fused_step_(
         if masters:
             masters[i].copy_(theta)
         if perturb_sigma != 0.0:
-            theta = theta + perturb_sigma * noise(step + 1, EPS)
+            theta = theta + perturb_sigma * noise(step + 1, EPS, perturb_rademacher)
         p.copy_(theta)

@@ -228,7 +228,8 @@ def test_state_dict_round_trip_and_refusals():
     opt = FSGLD(model.parameters(), lr=1e-2, beta=1e5, seed=2**64 - 1)
     sd = opt.state_dict()
     # the chain rides in every parameter's state: torch.distributed.checkpoint keeps nothing else
-    assert all(sd["state"][i] == {"applied_sigma": 0.0, "seed": 2**64 - 1, "step": 0, "skipped_steps": 0}
+    assert all(sd["state"][i] == {"applied_sigma": 0.0, "applied_rademacher": False, "seed": 2**64 - 1, "step": 0,
+                                  "skipped_steps": 0}
                for i in range(4))
     opt2 = FSGLD(model.parameters(), lr=1e-2, beta=1e5)
     opt2.load_state_dict(copy.deepcopy(sd))
