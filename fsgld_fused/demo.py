@@ -7,8 +7,8 @@ scored by predictive entropy (AUROC). A 64-128-128-5 MLP, minibatches of 32, wei
 momentum 0 (the paper's settings).
 
 Methods: SGD and SAM (rho = 0.05, two gradients per step, written here) keep their final weights.
-SGLD (FSGLD with sigma = 0) and fSGLD (coupled sigma = beta**(-(1+eta)/4), eta = 0.1; and a
-decoupled sigma = 0.05 ablation) follow the paper's Bayesian protocol: a cyclical cosine step
+SGLD (FSGLD with sigma = 0) and fSGLD (coupled sigma = beta**(-(1+eta)/4), eta = 0.1; the same
+with a Rademacher perturbation; and a decoupled sigma = 0.05 ablation) follow the paper's Bayesian protocol: a cyclical cosine step
 size over 4 cycles (peak 2 * lr, so its mean equals SGD's constant lr), 3 samples at the end of
 each, Bayesian model averaging of the 12 samples.
 beta = N / T with N the training-set size and T = 1e-4, as in the paper's Bayesian runs.
@@ -93,9 +93,8 @@ def train(method: str, x, y, seed: int, epochs: int, lr: float, batch: int = 32)
     if method in ("SGD", "SAM"):
         opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=5e-4)
     else:
-        sigma = {"SGLD": 0.0, "fSGLD": None, "fSGLD sigma=0.05": 0.05}[method]
         torch.manual_seed(seed)
-        opt = FSGLD(model.parameters(), lr=lr, beta=beta, sigma=sigma, eta=0.1, weight_decay=5e-4)
+        opt = FSGLD(model.parameters(), lr=lr, beta=beta, eta=0.1, weight_decay=5e-4, **CHAINS[method])
     t0 = time.perf_counter()
     k = 0
     for _ in range(epochs):
@@ -144,7 +143,14 @@ def evaluate(model, samples, x_tr, y_tr, x_te, y_te, x_ood, probe_samples: int):
     }
 
 
-METHODS = ("SGD", "SAM", "SGLD", "fSGLD", "fSGLD sigma=0.05")
+# FSGLD's options for each sampling method (the Gaussian perturbation is the paper's analysed default)
+CHAINS = {
+    "SGLD": dict(sigma=0.0),
+    "fSGLD": dict(sigma=None),
+    "fSGLD-Rademacher": dict(sigma=None, perturbation="rademacher"),
+    "fSGLD sigma=0.05": dict(sigma=0.05),
+}
+METHODS = ("SGD", "SAM", *CHAINS)
 
 
 def run(args: argparse.Namespace) -> dict:
