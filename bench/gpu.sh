@@ -41,7 +41,7 @@ mkdir -p "$OUT_DIR" && OUT_DIR=$(cd "$OUT_DIR" && pwd -P)
 STAGE_BUDGET_S=${FSGLD_STAGE_BUDGET_S:-540}
 # The tree on a device has no .git: the caller passes the commit; else git; else "unknown".
 FSGLD_COMMIT=${FSGLD_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
-export FSGLD_COMMIT PYTHONUNBUFFERED=1 PIP_ROOT_USER_ACTION=ignore
+export FSGLD_COMMIT PYTHONUNBUFFERED=1 PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 unset TRITON_INTERPRET  # compiled Triton kernels on the GPU; tests/conftest.py decides for the tests
 # A dry run shares a small CPU with others: one thread keeps OpenMP barriers from spinning on a busy core.
 [ $DRY = 1 ] && export OMP_NUM_THREADS=1
@@ -101,7 +101,8 @@ begin_stage() {  # begin_stage NAME JSON LOG
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem \
       --format=csv 2>&1 | tee -a "$STAGE_LOG"
     "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton',
-              triton.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$STAGE_LOG"
+              triton.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO GPU VISIBLE')" \
+      2>&1 | tee -a "$STAGE_LOG"
   fi
 }
 
@@ -123,9 +124,13 @@ ensure_built() {
     export TORCH_CUDA_ARCH_LIST MAX_JOBS=${MAX_JOBS:-$(nproc)}
     import_check="$import_check; from fsgld_fused import _ops; _ops.require_extension(cuda=True)"
   fi
-  run_step build 300 -- env PYTHON="$PY" bash .ci/build-ext
-  [ -f build/fsgld-ext-build.log ] && [ build/fsgld-ext-build.log -nt "$STAGE_LOG" ] && \
+  local before
+  before=$(date +%s)
+  run_step build 300 --show -- env PYTHON="$PY" bash .ci/build-ext
+  # a build ran in this stage: its full log goes into the stage log (which comes back from $OUT)
+  if [ -f build/fsgld-ext-build.log ] && [ "$(stat -c %Y build/fsgld-ext-build.log)" -ge "$before" ]; then
     { echo "----- build/fsgld-ext-build.log -----"; cat build/fsgld-ext-build.log; } >>"$STAGE_LOG"
+  fi
   if ! (cd / && "$PY" -c "$import_check") >>"$STAGE_LOG" 2>&1; then
     say "the built extension does not load (with CUDA kernels on a GPU): see $STAGE_LOG"
     FAILED=1
