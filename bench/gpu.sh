@@ -122,19 +122,30 @@ ensure_built() {
       return 1
     }
     export TORCH_CUDA_ARCH_LIST MAX_JOBS=${MAX_JOBS:-$(nproc)}
-    import_check="$import_check; from fsgld_fused import _ops; _ops.require_extension(cuda=True)"
+    import_check="$import_check; import fsgld_fused.kernels.triton_ops"
   fi
+  local cuda_check="; from fsgld_fused import _ops; _ops.require_extension(cuda=$([ $DRY = 0 ] && echo True || echo False))"
+  build_step build
+  if (cd / && "$PY" -c "$import_check$cuda_check") >>"$STAGE_LOG" 2>&1; then
+    return 0
+  fi
+  FAILED=1
+  if [ $DRY = 0 ]; then
+    # Without the CUDA kernels the Triton backend can still be tested and timed: build CPU-only.
+    say "the CUDA build failed or does not load (see $STAGE_LOG): building CPU-only so that Triton still runs"
+    FSGLD_FORCE_CPU=1 build_step "build (CPU-only fallback)"
+    (cd / && "$PY" -c "$import_check") >>"$STAGE_LOG" 2>&1 && return 0
+  fi
+  say "the built extension does not load: see $STAGE_LOG"
+  return 1
+}
+
+build_step() {  # build_step NAME: .ci/build-ext, its full log kept in the stage log when it built
   local before
   before=$(date +%s)
-  run_step build 300 --show -- env PYTHON="$PY" bash .ci/build-ext
-  # a build ran in this stage: its full log goes into the stage log (which comes back from $OUT)
+  run_step "$1" 300 --show -- env PYTHON="$PY" bash .ci/build-ext
   if [ -f build/fsgld-ext-build.log ] && [ "$(stat -c %Y build/fsgld-ext-build.log)" -ge "$before" ]; then
     { echo "----- build/fsgld-ext-build.log -----"; cat build/fsgld-ext-build.log; } >>"$STAGE_LOG"
-  fi
-  if ! (cd / && "$PY" -c "$import_check") >>"$STAGE_LOG" 2>&1; then
-    say "the built extension does not load (with CUDA kernels on a GPU): see $STAGE_LOG"
-    FAILED=1
-    return 1
   fi
 }
 
