@@ -211,8 +211,13 @@ def _tune_cache_path() -> str:
     return os.path.join(root, "triton_blocks.json")
 
 
+def _source_hash() -> str:
+    with open(__file__, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()[:12]
+
+
 # An edit of this file (kernels or launch code) invalidates the choices saved on disk.
-_SOURCE_HASH = hashlib.sha1(open(__file__, "rb").read()).hexdigest()[:12]
+_SOURCE_HASH = _source_hash()
 
 
 def _tune_disk_key(device_name: str, dtype: torch.dtype, size_class: int) -> str:
