@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", type=_cli.positive_int, default=4_000_000, help="total parameter count to time")
     p.add_argument("--tensors", type=_cli.positive_int, default=64, help="number of parameter tensors (at least 2)")
     p.set_defaults(func=check)
-    b = sub.add_parser("bench", formatter_class=fmt, help="time one step against torch.optim; write JSON and a PNG plot")
+    b = sub.add_parser("bench", formatter_class=fmt,
+                       help="time one step against torch.optim; write JSON and a PNG plot")
     benchmark.add_arguments(b)
     b.set_defaults(func=benchmark.main)
     d = sub.add_parser("demo", formatter_class=fmt,

@@ -160,7 +160,8 @@ def environment(device: torch.device) -> dict:
                               "memory_GiB": round(props.total_memory / 2**30, 1)}
         smi = shutil.which("nvidia-smi")
         index = device.index if device.index is not None else torch.cuda.current_device()
-        env["driver"] = smi and _run_quiet([smi, f"--id={index}", "--query-gpu=driver_version", "--format=csv,noheader"])
+        query = [smi, f"--id={index}", "--query-gpu=driver_version", "--format=csv,noheader"]
+        env["driver"] = smi and _run_quiet(query)
     nvcc = shutil.which("nvcc")
     out = nvcc and _run_quiet([nvcc, "--version"])
     env["versions"]["nvcc"] = out.splitlines()[-1] if out else None
@@ -184,7 +185,8 @@ def _with_grads(params, grads):
     return ps
 
 
-def variants(params, grads, device, include: set[str], master: bool = False) -> dict[str, Callable[[], Callable[[], object]]]:
+def variants(params, grads, device, include: set[str],
+             master: bool = False) -> dict[str, Callable[[], Callable[[], object]]]:
     """name -> a factory returning the step function (built lazily so state is freed in between),
     in VARIANT_ORDER. `master`: FSGLD keeps fp32 master weights (for bf16/fp16 params)."""
     ps = _with_grads(params, grads)
