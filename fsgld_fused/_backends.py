@@ -198,7 +198,8 @@ def _fastest(names: list[str], device: torch.device, dtype: torch.dtype) -> str:
     if key not in _AUTO_CHOICE:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return names[0]  # no timing inside a CUDA-graph capture: the first choice, not cached
-        timed = {n: measure_step_seconds(_probe(n)[0], device, dtype) for n in names}
+        with torch.cuda.device(device):  # scratch, events and syncs on the params' GPU
+            timed = {n: measure_step_seconds(_probe(n)[0], device, dtype) for n in names}
         _AUTO_CHOICE[key] = min(timed, key=timed.get)
     return _AUTO_CHOICE[key]
 

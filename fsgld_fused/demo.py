@@ -32,8 +32,8 @@ TEMPERATURE = 1e-4
 def load_digits_split(seed: int = 0):
     try:
         from sklearn.datasets import load_digits
-    except ImportError as exc:  # pragma: no cover - scikit-learn is a test/demo dependency
-        raise SystemExit("the demo needs scikit-learn: pip install scikit-learn") from exc
+    except ImportError as exc:  # scikit-learn is an optional (demo/test) dependency
+        raise ModuleNotFoundError("the demo needs scikit-learn: pip install scikit-learn", name="sklearn") from exc
     x, y = load_digits(return_X_y=True)
     x = torch.tensor(x, dtype=torch.float32) / 16.0
     y = torch.tensor(y, dtype=torch.int64)
@@ -192,11 +192,14 @@ HEADER = (f"{'noise':>5s} {'method':18s} {'acc %':>11s} {'NLL':>13s} {'ECE':>13s
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="2 seeds, 30 epochs, 8 probe vectors")
-    p.add_argument("--seeds", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=0)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.2, 0.4])
+    from . import _cli
+
+    p.add_argument("--quick", action="store_true", help="2 seeds, 30 epochs, 8 Hutchinson probe vectors")
+    p.add_argument("--seeds", type=_cli.non_negative_int, default=0, help="seeds per setting (0: 3, or 2 with --quick)")
+    p.add_argument("--epochs", type=_cli.non_negative_int, default=0, help="epochs (0: 60, or 30 with --quick)")
+    p.add_argument("--lr", type=float, default=0.05, help="SGD/SAM step size; the mean of the SGLD cyclical schedule")
+    p.add_argument("--noise", type=_cli.fraction, nargs="+", default=[0.0, 0.2, 0.4],
+                   help="label-noise fractions in [0, 1) to run (0.2: 20%% of training labels flipped)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -9,6 +9,9 @@ global index, so the stream does not depend on BLOCK, the grid or the tensor's a
 On CPU this runs through the Triton interpreter (`TRITON_INTERPRET=1`, set before import).
 """
 
+import contextlib
+import hashlib
+import json
 import math
 import os
 from collections import OrderedDict
@@ -19,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .._ops import _offsets, _seed_arg
+from ..baselines import median, time_fn
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -184,30 +188,106 @@ def _words_kernel(out_ptr, nblocks, first, seed, step, tag, BLOCK: tl.constexpr)
 # Launches pass enable_fp_fusion=False: SPEC 3's update rounds each float32 op like the reference
 # (Triton would contract a*b+c into FMA; the C++/CUDA build is compiled the same way).
 # Philox blocks per program and warps. The interpreter runs programs one by one in numpy, so it
-# takes the largest block; on a GPU `_tuned_block` times the candidates once per (device, dtype,
-# size class) on scratch tensors (never on the user's weights: the kernels update in place).
+# takes the smallest block; on a GPU `_tuned_block` times the candidates once per (device, dtype,
+# size class) on scratch tensors, outside CUDA-graph capture, and remembers the choice on disk.
 _CONFIGS = ((256, 4), (512, 4), (1024, 8), (2048, 8))
+# Under CUDA-graph capture before any tuning (nothing may be timed then): a mid-sized config.
+_DEFAULT_CONFIG = (512, 4)
+# The largest scratch the tuning times on: 2 x 64 MB in fp32, past the L2 of an H100/H200 (50/60 MB),
+# so larger lists share the choice made at 16M elements.
+_TUNE_MAX_LOG2 = 24
 _tuned: dict[tuple, tuple[int, int]] = {}
 
 
+def _on_device(device: torch.device):
+    """Launch on the params' GPU: Triton launches on the current device, which may be another."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _tune_cache_path() -> str:
+    """The on-disk record of tuned configs: $FSGLD_CACHE_DIR, else ~/.cache/fsgld_fused."""
+    root = os.environ.get("FSGLD_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser(os.path.join("~", ".cache")), "fsgld_fused")
+    return os.path.join(root, "triton_blocks.json")
+
+
+def _source_hash() -> str:
+    with open(__file__, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()[:12]
+
+
+# An edit of this file (kernels or launch code) invalidates the choices saved on disk.
+_SOURCE_HASH = _source_hash()
+
+
+def _tune_disk_key(device_name: str, dtype: torch.dtype, size_class: int) -> str:
+    return f"{device_name}|triton {triton.__version__}|{_SOURCE_HASH}|{dtype}|2^{size_class}"
+
+
+def _read_tune_cache(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _save_tune_choice(path: str, key: str, choice: tuple[int, int]) -> None:
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        data = _read_tune_cache(path)
+        data[key] = list(choice)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)  # atomic: concurrent processes never read half a file
+    except OSError:
+        pass  # a read-only home: the in-memory cache still holds the choice
+
+
+def _choose_config(key: tuple, disk_key: str, capturing: bool, measure) -> tuple[int, int]:
+    """(block, warps) for `key`: remembered, else saved on disk, else the fastest of _CONFIGS by
+    `measure(block, warps)` (seconds), remembered and saved. Under CUDA-graph capture nothing is
+    timed or remembered: the default config, until a step outside capture tunes."""
+    hit = _tuned.get(key)
+    if hit is not None:
+        return hit
+    path = _tune_cache_path()
+    saved = _read_tune_cache(path).get(disk_key)
+    if isinstance(saved, list) and tuple(saved) in _CONFIGS:
+        _tuned[key] = tuple(saved)
+        return _tuned[key]
+    if capturing:
+        return _DEFAULT_CONFIG
+    timings = {config: measure(*config) for config in _CONFIGS}
+    _tuned[key] = min(timings, key=timings.get)
+    _save_tune_choice(path, disk_key, _tuned[key])
+    return _tuned[key]
+
+
 def _tuned_block(device: torch.device, dtype: torch.dtype, total: int) -> tuple[int, int]:
+    """Philox blocks per program and warps for a list of `total` elements (call under _on_device)."""
     if INTERPRET or device.type != "cuda":
         return 256, 4
-    size_class = max(20, min(27, int(math.log2(max(total, 1)))))  # 1M .. 128M elements
-    key = (device.index, dtype, size_class)
-    if key not in _tuned:
-        n = 1 << size_class
-        p = torch.randn(n, device=device).to(dtype)
-        g = torch.randn(n, device=device).to(dtype)
-        best = None
-        for block, warps in _CONFIGS:
-            fn = lambda: _launch_step([p], [g], [], [], [0], [0], 1, 0, 1e-6, 0.0, 0.0, 1e-6, 1e-6, 1e-6,
-                                      None, None, block, warps)  # noqa: E731
-            ms = triton.testing.do_bench(fn, warmup=5, rep=20)
-            if best is None or ms < best[0]:
-                best = (ms, block, warps)
-        _tuned[key] = best[1:]
-    return _tuned[key]
+    size_class = max(20, min(_TUNE_MAX_LOG2, int(math.log2(max(total, 1)))))  # 1M .. 16M elements
+    scratch = []
+
+    def measure(block, warps):
+        # scratch tensors, never the user's weights: the kernel updates in place
+        if not scratch:
+            n = 1 << size_class
+            scratch.extend([torch.randn(n, device=device).to(dtype), torch.randn(n, device=device).to(dtype)])
+        p, g = scratch
+
+        def step():
+            _launch_step([p], [g], [], [], [0], [0], 1, 0, 1e-6, 0.0, 0.0, 1e-6, 1e-6, 1e-6, None, None, block, warps)
+
+        return median(time_fn(step, device, warmup=2, repeat=5))
+
+    return _choose_config((device.index, dtype, size_class),
+                          _tune_disk_key(torch.cuda.get_device_name(device), dtype, size_class),
+                          torch.cuda.is_current_stream_capturing(), measure)
 
 
 # ---- tables: built once per set of addresses, cached ---------------------------------------------
@@ -323,6 +403,11 @@ _U64 = (1 << 64) - 1
 @torch.library.custom_op("fsgld_triton::perturb_", mutates_args=("params",))
 def _perturb_op(params: list[torch.Tensor], masters: list[torch.Tensor], param_ids: list[int], offsets: list[int],
                 seed: int, step: int, sigma: float, step_t: Optional[torch.Tensor]) -> None:
+    with _on_device(params[0].device):
+        _launch_perturb(params, masters, param_ids, offsets, seed, step, sigma, step_t)
+
+
+def _launch_perturb(params, masters, param_ids, offsets, seed, step, sigma, step_t):
     block, warps = _tuned_block(params[0].device, params[0].dtype, sum(p.numel() for p in params))
     n_chunks, chunk_t, chunk_i, numel, offs, pids, p_addr, _, _, m_addr, _ = _table(
         params, [], [], masters, param_ids, offsets, block
@@ -341,9 +426,11 @@ def _fused_step_op(params: list[torch.Tensor], grads: list[torch.Tensor], moment
                    lr: float, weight_decay: float, momentum: float, noise_std: float, restore_sigma: float,
                    perturb_sigma: float, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
                    step_t: Optional[torch.Tensor], lr_t: Optional[torch.Tensor]) -> None:
-    block, warps = _tuned_block(params[0].device, params[0].dtype, sum(p.numel() for p in params))
-    _launch_step(params, grads, momentum_buffers, masters, param_ids, offsets, seed & _U64, step, lr, weight_decay,
-                 momentum, noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, block, warps, step_t, lr_t)
+    with _on_device(params[0].device):
+        block, warps = _tuned_block(params[0].device, params[0].dtype, sum(p.numel() for p in params))
+        _launch_step(params, grads, momentum_buffers, masters, param_ids, offsets, seed & _U64, step, lr,
+                     weight_decay, momentum, noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, block,
+                     warps, step_t, lr_t)
 
 
 @_perturb_op.register_fake
