@@ -102,9 +102,9 @@ def signs_from_words(words: torch.Tensor, start: int, numel: int) -> torch.Tenso
     """+-1.0 (float32) of SPEC 2b from the Philox words of consecutive blocks (an (n, 4) tensor,
     any integer dtype with the words' bits): element `start + e` of the first block on is bit
     (start + e) % 32 of word (start + e) // 32 (words in block order, w0..w3 each)."""
-    flat = words.reshape(-1).to(torch.int64) & _MASK32
-    bits = (flat.unsqueeze(1) >> torch.arange(32, device=flat.device)) & 1
-    return (bits.reshape(-1)[start : start + numel] * 2 - 1).to(torch.float32)
+    flat = words.reshape(-1)  # int32 bit patterns or int64 in [0, 2**32): bit b of either is (w >> b) & 1
+    bits = (flat.unsqueeze(1) >> torch.arange(32, dtype=flat.dtype, device=flat.device)) & 1
+    return bits.reshape(-1)[start : start + numel].to(torch.float32).mul_(2.0).sub_(1.0)
 
 
 def rademacher(seed: int, pid: int, step: int, numel: int, offset: int = 0) -> torch.Tensor:
