@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
+import _op_paths
 from fsgld_fused import reference as R
 from fsgld_fused._ops import ExtensionOps
 from fsgld_fused.testing import NOISE_ATOL, assert_step_close, rtol_for
@@ -116,6 +117,13 @@ def test_fused_step_with_fp32_masters(emu, dtype):
         assert_step_close(a, b, 0.05 + 1e-4)
     for a, b in zip(bufs, ref_b):
         assert_step_close(a, b, 0.0, atol_extra=rtol_for(torch.float32) * b.abs().max().item() if b.numel() else 0.0)
+
+
+@pytest.mark.parametrize("case", _op_paths.CASES, ids=lambda c: f"{str(c[0])[6:]}{'-masters' if c[1] else ''}")
+def test_every_path_with_offsets_masters_weight_decay_momentum_scale(emu, case):
+    """Shard offsets (vector and scalar paths, a tensor over two chunks) x masters x weight decay
+    x momentum x grad scale, several steps: params, masters and buffers (tests/_op_paths.py)."""
+    _op_paths.check_case(emu, *case)
 
 
 def test_misaligned_storage_takes_the_scalar_path(emu):

@@ -39,8 +39,10 @@ def test_grad_scaler_unscales_in_the_step(backend):
         o2.zero_grad()
         torch.nn.functional.cross_entropy(m2(x), y).backward()
         o2.step()
+    # the scale is a power of two: scaling and unscaling are exact, so the runs are bit-identical
+    # (measured on reference, cpu and triton)
     for p, q in zip(m1.parameters(), m2.parameters()):
-        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+        assert torch.equal(p, q)
     assert o1.step_count == 3
 
 
@@ -163,8 +165,11 @@ def test_checkpoint_moves_between_backends(save_on, load_on):
     m2.load_state_dict(sd_model)
     o2.load_state_dict(sd_opt)
     run(m2, o2, data[4:])
-    for p, q in zip(m1.parameters(), m2.parameters()):  # same stream; backends differ by rounding only
-        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
+    # SPEC: the same stream, so the backends differ only by the normals' rounding, over the 4
+    # resumed steps (restore + Langevin + next perturbation each); measured: 0 on every pair here
+    noise = 4 * (2 * FSGLD.group_sigma(o1.param_groups[0]) + math.sqrt(2 * 1e-2 / 1e6))
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert_step_close(p.detach(), q.detach(), noise)
 
 
 def test_load_state_dict_refusals_name_the_parameter():

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import _op_paths
 from conftest import AVAILABLE, KERNEL_BACKENDS
 from fsgld_fused import _backends
 from fsgld_fused import reference as R
@@ -31,6 +32,8 @@ def sizes_for(backend):
 
 
 def supported(backend, dtype):
+    if AVAILABLE[backend] is not None:  # listed although missing: required here (conftest), so fail
+        pytest.fail(f"backend {backend!r} is not available: {AVAILABLE[backend]}")
     try:
         return _backends.resolve(backend, torch.device("cpu"), dtype).name == backend
     except ValueError:
@@ -139,6 +142,18 @@ def test_fused_step_with_fp32_masters(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("case", _op_paths.CASES, ids=lambda c: f"{str(c[0])[6:]}{'-masters' if c[1] else ''}")
+def test_every_path_with_offsets_masters_weight_decay_momentum_scale(backend, case):
+    """Shard offsets x masters x weight decay x momentum x grad scale, several steps: params,
+    masters and buffers after every perturb_ / fused_step_ / restore_ (tests/_op_paths.py)."""
+    dtype, master = case
+    # the interpreter runs programs one by one: its 1024-element programs are crossed by the
+    # 1100-element tensor already, the 4107-element one is there for the CUDA kernels' chunks
+    n_tensors = 4 if backend == "triton" else len(_op_paths.SIZES)
+    _op_paths.check_case(ops(backend, dtype), dtype, master, n_tensors)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_found_inf_changes_nothing(backend):
     params, grads = make([100, 37], torch.float32), make([100, 37], torch.float32)
     bufs = [torch.zeros_like(p) for p in params]
@@ -187,6 +202,7 @@ def test_cpu_kernel_is_independent_of_the_thread_count(threads):
 
 
 _PORTABLE_PATH_CHECK = r"""
+import sys
 import torch
 from fsgld_fused import reference as R
 from fsgld_fused._ops import cpu_ops as ext
@@ -204,6 +220,9 @@ ext.fused_step_(ps, gs, [], *args)
 R.fused_step_(rs, gs, [], *args)
 for a, b in zip(ps, rs):
     assert_step_close(a, b, 0.07)
+sys.path.insert(0, TESTS_DIR)
+import _op_paths
+_op_paths.check_all(ext)
 print("portable path ok")
 """
 
@@ -212,8 +231,9 @@ print("portable path ok")
 def test_cpu_portable_path_without_avx512():
     # This machine may have AVX-512: force the path every other x86-64 CPU takes.
     env = {**os.environ, "FSGLD_CPU_NO_AVX512": "1"}
-    res = subprocess.run([sys.executable, "-c", _PORTABLE_PATH_CHECK], env=env, capture_output=True, text=True,
-                         timeout=300)
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    code = f"TESTS_DIR = {tests_dir!r}\n" + _PORTABLE_PATH_CHECK
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "portable path ok" in res.stdout, res.stderr[-3000:]
 
 

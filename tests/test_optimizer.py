@@ -77,23 +77,33 @@ def test_seed_from_torch_default_generator_is_repeatable():
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_training_loop_and_first_step_at_clean_weights(backend):
+    """The loop's values: each step equals the reference op on the gradients the loop produced,
+    with param ids in parameter order, step k's stream, and no restore at the first step."""
     model = _model()
     x = torch.randn(16, 5)
     w0 = [p.detach().clone() for p in model.parameters()]
-    opt = FSGLD(model.parameters(), lr=1e-2, beta=1e6, sigma=0.01, seed=3, backend=backend)
+    lr, beta, sigma, seed = 1e-2, 1e6, 0.01, 3
+    std = math.sqrt(2 * lr / beta)
+    opt = FSGLD(model.parameters(), lr=lr, beta=beta, sigma=sigma, seed=seed, backend=backend)
     assert not opt.is_perturbed
-    opt.zero_grad()
-    _loss(model, x).backward()
-    # the first backward ran at the clean weights: nothing was perturbed yet
-    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), w0))
-    opt.step()
-    assert opt.is_perturbed
-    for _ in range(3):
+    expected, ids = [w.clone() for w in w0], list(range(len(w0)))
+    for k in range(4):
         opt.zero_grad()
         _loss(model, x).backward()
+        if k == 0:  # the first backward ran at the clean weights: nothing was perturbed yet
+            assert all(torch.equal(p, w) for p, w in zip(model.parameters(), w0))
+        grads = [p.grad.clone() for p in model.parameters()]
         opt.step()
-    assert opt.step_count == 4
-    assert all(p.grad is None for p in model.parameters()) is False
+        R.fused_step_(expected, grads, [], ids, seed, k, lr, 0.0, 0.0, std, 0.0 if k == 0 else sigma, sigma)
+        for p, e in zip(model.parameters(), expected):
+            assert_step_close(p.detach(), e, 2 * sigma + std)  # SPEC: the normals' rounding only
+            e.copy_(p.detach())
+        assert opt.is_perturbed and opt.step_count == k + 1
+    with opt.unperturbed():  # the clean weights: the last perturbation (step 4's eps) taken off
+        for p, e, pid in zip(model.parameters(), expected, ids):
+            clean = e - sigma * R.normals(seed, pid, 4, R.EPS, e.numel()).view(e.shape)
+            assert_step_close(p.detach(), clean, 2 * sigma)
+    assert all(p.grad is not None for p in model.parameters())
     opt.zero_grad()
     assert all(p.grad is None for p in model.parameters())
 
@@ -314,3 +324,49 @@ def test_sparse_gradient_is_refused_before_anything_changes():
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
     assert torch.equal(a, a0) and torch.equal(b, b0) and opt.step_count == 0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_momentum_and_weight_decay_follow_the_closed_form(backend):
+    """Heavy ball with weight decay, noise-free (beta = inf, sigma = 0), on U = sum(h/2 theta^2 + c theta):
+    buf_{k+1} = m buf_k + (h + wd) theta_k + c (buf_0 = 0), theta_{k+1} = theta_k - lr buf_{k+1}. So
+    theta_k = theta* + a l1^k + b l2^k with theta* = -c / (h + wd) and l1, l2 the roots of
+    l^2 - (1 + m - lr (h + wd)) l + m = 0 (complex for some h): an independent check of the rule
+    in every backend at once, over many steps, in float64 (float32 where a backend has no float64)."""
+    lr, wd, m, steps = 0.1, 0.3, 0.9, 25
+    h = torch.tensor([0.0, 0.2, 1.0, 3.0, 7.5, 15.0, 0.05], dtype=torch.float64)
+    c = torch.tensor([1.0, -0.5, 0.25, 2.0, -1.0, 0.3, 0.0], dtype=torch.float64)
+    theta0 = torch.tensor([0.5, -1.0, 2.0, 0.0, 1.5, -0.7, 3.0], dtype=torch.float64)
+    s = h + wd
+    star = -c / s
+    tr = (1 + m - lr * s).to(torch.complex128)
+    disc = torch.sqrt(tr * tr - 4 * m)
+    l1, l2 = (tr + disc) / 2, (tr - disc) / 2
+    theta1 = theta0 - lr * (s * theta0 + c)  # the first step: buf_1 = d_1
+    b = ((theta1 - star) - l1 * (theta0 - star)) / (l2 - l1)
+    a = (theta0 - star) - b
+
+    def closed(k):
+        return (star + a * l1**k + b * l2**k).real
+
+    dtype = torch.float64 if _backends_take(backend, torch.float64) else torch.float32
+    p = torch.nn.Parameter(theta0.to(dtype))
+    opt = FSGLD([p], lr=lr, beta=math.inf, sigma=0.0, weight_decay=wd, momentum=m, seed=1, backend=backend)
+    # measured max |error| over the 25 steps (values up to 12), weights / buffers: 8e-15 / 2.2e-14
+    # in float64, 3.4e-7 / 1.8e-6 in float32 (triton); allowed: about 3x that
+    atol, atol_buf = (3e-14, 1e-13) if dtype == torch.float64 else (1e-6, 5e-6)
+    for k in range(1, steps + 1):
+        p.grad = (h * p.detach().double() + c).to(dtype)
+        opt.step()
+        torch.testing.assert_close(p.detach().double(), closed(k), atol=atol, rtol=0)
+        buf = opt.state_dict()["state"][0]["momentum_buffer"].double()
+        torch.testing.assert_close(buf, (closed(k - 1) - closed(k)) / lr, atol=atol_buf, rtol=0)
+
+
+def _backends_take(backend, dtype):
+    from fsgld_fused import _backends
+
+    try:
+        return _backends.resolve(backend, torch.device("cpu"), dtype).name == backend
+    except ValueError:
+        return False

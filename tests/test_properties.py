@@ -1,6 +1,8 @@
 """Property-based: random shapes, dtypes, group layouts and hyperparameters; every kernel backend
-follows the reference through the optimizer."""
+follows the reference through the optimizer, and through its ops with drawn shard offsets and
+fp32 masters."""
 
+import copy
 import math
 
 import pytest
@@ -8,8 +10,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import _op_paths
 from conftest import KERNEL_BACKENDS
-from fsgld_fused import FSGLD
+from fsgld_fused import FSGLD, _backends
 from fsgld_fused.testing import assert_step_close
 
 if not KERNEL_BACKENDS:
@@ -26,6 +29,7 @@ hparams = st.fixed_dictionaries({
     "weight_decay": st.sampled_from([0.0, 1e-4, 1e-2]),
     "momentum": st.sampled_from([0.0, 0.5, 0.9]),
     "perturb_ahead": st.booleans(),
+    "master_weights": st.booleans(),
 })
 
 
@@ -49,10 +53,11 @@ def test_backend_follows_the_reference(backend, data):
         all_a += ps_a
         all_b += ps_b
     opt_a = FSGLD(groups_a, lr=0.01, beta=1e4, seed=seed, backend=backend)
-    coeff = {}  # the noise a step adds to each param: restore + Langevin + next perturbation
+    coeff, langevin = {}, {}  # the noise a step adds to each param: restore + Langevin + next perturbation
     for g in opt_a.param_groups:
         c = 2 * FSGLD.group_sigma(g) + math.sqrt(2 * g["lr"] / g["beta"])
         coeff.update({id(p): c for p in g["params"]})
+        langevin.update({id(p): math.sqrt(2 * g["lr"] / g["beta"]) for p in g["params"]})
     opt_b = FSGLD(groups_b, lr=0.01, beta=1e4, seed=seed, backend="reference")
     steps = data.draw(st.integers(1, 3))
     for _ in range(steps):
@@ -67,7 +72,41 @@ def test_backend_follows_the_reference(backend, data):
             assert_step_close(a.detach(), b.detach(), coeff[id(a)])
             with torch.no_grad():
                 a.copy_(b)
-        for a, b in zip(all_a, all_b):
-            if "momentum_buffer" in opt_b.state.get(b, {}):
-                opt_a.state[a]["momentum_buffer"].copy_(opt_b.state[b]["momentum_buffer"])
+        state_a, state_b = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
+        assert state_a.keys() == state_b.keys()
+        for i, st_b in state_b.items():  # fp32 masters: the clean weights, Langevin noise only
+            if "master" in st_b:
+                assert_step_close(state_a[i]["master"], st_b["master"], langevin[id(all_a[i])])
+        opt_a.load_state_dict(copy.deepcopy(opt_b.state_dict()))  # buffers and masters
     assert opt_a.step_count == opt_b.step_count == steps
+
+
+# Offsets: small ones (every residue mod 4 and 128), and any up to 2**40 (block indices past 2**32).
+offsets = st.one_of(st.integers(0, 300), st.integers(0, 2**40))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_ops_follow_the_reference_with_offsets_and_masters(backend, data):
+    """perturb_ / fused_step_ / restore_ on drawn sizes, shard offsets, param ids, masters, weight
+    decay, momentum, grad scales, sigmas (0: not perturbed) and steps (tests/_op_paths.py)."""
+    n = data.draw(st.integers(1, 3))
+    # the interpreter runs its 1024-element programs one by one: smaller tensors there
+    sizes = data.draw(st.lists(st.integers(0, 1100 if backend == "triton" else 5000), min_size=n, max_size=n))
+    offs = data.draw(st.lists(offsets, min_size=n, max_size=n))
+    ids = data.draw(st.lists(st.integers(0, 2**31 - 1), min_size=n, max_size=n, unique=True))
+    master = data.draw(st.booleans())
+    dtypes = [torch.bfloat16, torch.float16] if master else DTYPES[backend]
+    dtype = data.draw(st.sampled_from(dtypes))
+    steps = data.draw(st.integers(1, 3))
+    _op_paths.check_chain(
+        _backends.resolve(backend, torch.device("cpu"), dtype).ops, dtype, master,
+        weight_decay=data.draw(st.sampled_from([0.0, 1e-4, 0.05])),
+        momentum=data.draw(st.sampled_from([0.0, 0.5, 0.9])),
+        sizes=sizes, offsets=offs, ids=ids, seed=data.draw(st.integers(0, 2**64 - 1)),
+        sigmas=data.draw(st.lists(st.sampled_from([0.0, 0.01, 0.05]), min_size=steps + 1, max_size=steps + 1)),
+        scales=data.draw(st.lists(st.sampled_from([None, 2.0**-3, 512.0]), min_size=steps, max_size=steps)),
+        lr=data.draw(st.floats(1e-4, 0.1)), beta=data.draw(st.one_of(st.floats(1.0, 1e8), st.just(math.inf))),
+        first_ahead=data.draw(st.integers(0, steps)), data_seed=data.draw(st.integers(0, 2**31)),
+    )

@@ -11,7 +11,12 @@ import sys
 
 import pytest
 
-pytest.importorskip("triton")
+from conftest import REQUIRED
+
+if "triton" in REQUIRED:
+    import triton  # noqa: F401  (required here: an import failure is an error, not a skip)
+else:
+    pytest.importorskip("triton")
 
 _COMPILE_ALL = r"""
 import os
