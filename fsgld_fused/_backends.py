@@ -7,6 +7,7 @@ which one runs. A backend that is not usable here says why, and `FSGLD` quotes t
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -196,9 +197,10 @@ def measure_step_seconds(backend: Backend, device: torch.device, dtype: torch.dt
 def _fastest(names: list[str], device: torch.device, dtype: torch.dtype) -> str:
     key = (device.index, dtype)
     if key not in _AUTO_CHOICE:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        on_gpu = device.type == "cuda" and torch.cuda.is_available()
+        if on_gpu and torch.cuda.is_current_stream_capturing():
             return names[0]  # no timing inside a CUDA-graph capture: the first choice, not cached
-        with torch.cuda.device(device):  # scratch, events and syncs on the params' GPU
+        with torch.cuda.device(device) if on_gpu else contextlib.nullcontext():  # scratch and syncs on its GPU
             timed = {n: measure_step_seconds(_probe(n)[0], device, dtype) for n in names}
         _AUTO_CHOICE[key] = min(timed, key=timed.get)
     return _AUTO_CHOICE[key]

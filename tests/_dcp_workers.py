@@ -1,12 +1,14 @@
-"""Worker for tests/test_dcp.py: FSDP2 + torch.distributed.checkpoint on gloo ranks."""
+"""Worker for tests/test_dcp.py: FSDP2 + torch.distributed.checkpoint on gloo ranks (run and torn
+down by tests/_dist_workers.py's `_run`, which says why it imports everything first)."""
 
 import os
 
 import torch
-import torch.distributed as dist
+import torch.distributed.checkpoint  # noqa: F401  (before init_process_group, as _dist_workers does)
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from _dist_workers import _run
 from _readme import readme_snippet
 
 STEPS = 5
@@ -45,9 +47,10 @@ def local_state(m, opt):
 
 
 def fsdp_dcp_worker(rank, world, port, backend, out_dir):
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+    _run(_fsdp_dcp, rank, world, port, backend, out_dir)
+
+
+def _fsdp_dcp(rank, world, backend, out_dir):
     results = {}
 
     def sharded():
@@ -58,43 +61,40 @@ def fsdp_dcp_worker(rank, world, port, backend, out_dir):
     def dcp_snippet(name, m, o, path):
         exec(readme_snippet(name), {"model": m, "opt": o, "path": os.path.join(out_dir, path)})
 
-    try:
-        m = sharded()
-        opt = optimizer(m, backend)
-        train(m, opt, batches(STEPS), rank, world)
-        dcp_snippet("dcp-save", m, opt, "as_is")
-        with opt.unperturbed():
-            dcp_snippet("dcp-save", m, opt, "clean")
-        full_opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        full_msd, full_osd = get_state_dict(m, opt, options=full_opts)  # rank 0 holds it, on the CPU
-        train(m, opt, batches(STEPS, start=STEPS), rank, world)
-        expected = local_state(m, opt)
-        with opt.unperturbed():
-            results["full_clean"] = [p.full_tensor().detach().clone() for p in m.parameters()]
+    m = sharded()
+    opt = optimizer(m, backend)
+    train(m, opt, batches(STEPS), rank, world)
+    dcp_snippet("dcp-save", m, opt, "as_is")
+    with opt.unperturbed():
+        dcp_snippet("dcp-save", m, opt, "clean")
+    full_opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full_msd, full_osd = get_state_dict(m, opt, options=full_opts)  # rank 0 holds it, on the CPU
+    train(m, opt, batches(STEPS, start=STEPS), rank, world)
+    expected = local_state(m, opt)
+    with opt.unperturbed():
+        results["full_clean"] = [p.full_tensor().detach().clone() for p in m.parameters()]
 
-        def resume(kind):
-            m2 = sharded()
-            opt2 = optimizer(m2, backend, seed=None)
-            before = local_state(m2, opt2)
-            get_state_dict(m2, opt2)  # on a fresh optimizer: must not step it (no dummy step)
-            untouched = opt2.step_count == 0 and all(torch.equal(a, b) for a, b in zip(before, local_state(m2, opt2)))
-            if kind == "full":  # rank 0 holds the full state dict, the other ranks an empty one
-                bcast = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-                set_model_state_dict(m2, full_msd, options=bcast)
-                set_optimizer_state_dict(m2, opt2, full_osd, options=bcast)
-            else:
-                dcp_snippet("dcp-load", m2, opt2, kind)
-            if kind == "clean":
-                opt2.perturb()  # saved under unperturbed(): the next forward needs its perturbation back
-            loaded = (opt2.seed, opt2.step_count) == (opt.seed, STEPS)
-            train(m2, opt2, batches(STEPS, start=STEPS), rank, world)
-            got = local_state(m2, opt2)
-            exact = all(torch.equal(a, b) for a, b in zip(got, expected))
-            err = max((a.double() - b.double()).abs().max().item() for a, b in zip(got, expected))
-            return {"untouched": untouched, "loaded": loaded, "exact": exact, "max_err": err}
+    def resume(kind):
+        m2 = sharded()
+        opt2 = optimizer(m2, backend, seed=None)
+        before = local_state(m2, opt2)
+        get_state_dict(m2, opt2)  # on a fresh optimizer: must not step it (no dummy step)
+        untouched = opt2.step_count == 0 and all(torch.equal(a, b) for a, b in zip(before, local_state(m2, opt2)))
+        if kind == "full":  # rank 0 holds the full state dict, the other ranks an empty one
+            bcast = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+            set_model_state_dict(m2, full_msd, options=bcast)
+            set_optimizer_state_dict(m2, opt2, full_osd, options=bcast)
+        else:
+            dcp_snippet("dcp-load", m2, opt2, kind)
+        if kind == "clean":
+            opt2.perturb()  # saved under unperturbed(): the next forward needs its perturbation back
+        loaded = (opt2.seed, opt2.step_count) == (opt.seed, STEPS)
+        train(m2, opt2, batches(STEPS, start=STEPS), rank, world)
+        got = local_state(m2, opt2)
+        exact = all(torch.equal(a, b) for a, b in zip(got, expected))
+        err = max((a.double() - b.double()).abs().max().item() for a, b in zip(got, expected))
+        return {"untouched": untouched, "loaded": loaded, "exact": exact, "max_err": err}
 
-        for kind in ("as_is", "clean", "full"):
-            results[kind] = resume(kind)
-        torch.save(results, os.path.join(out_dir, f"dcp_{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    for kind in ("as_is", "clean", "full"):
+        results[kind] = resume(kind)
+    torch.save(results, os.path.join(out_dir, f"dcp_{rank}.pt"))
