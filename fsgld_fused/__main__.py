@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from . import _backends, benchmark, demo, reference
+from . import _backends, benchmark, demo, reference, sass
 from .baselines import NaiveFSGLD, median, time_fn
 from .optimizer import FSGLD
 
@@ -114,6 +114,9 @@ def main(argv=None) -> int:
     d = sub.add_parser("demo", help="SGD / SGLD / SAM / fSGLD on digits with label noise: accuracy, calibration, OOD")
     demo.add_arguments(d)
     d.set_defaults(func=demo.main)
+    s = sub.add_parser("sass", help="static sm_90 SASS instructions per element of the step kernels (no GPU needed)")
+    sass.add_arguments(s)
+    s.set_defaults(func=sass.main)
     args = parser.parse_args(argv)
     if args.command in (None, "main"):
         return main_job()
