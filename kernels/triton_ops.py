@@ -96,9 +96,18 @@ def _sincos_2pi_u(w):
 
 
 @triton.jit
+def _sqrt_box_muller(x):
+    """sqrt(x), correctly rounded, for x in [1.1e-7, 33.3]: the fast path of the IEEE sqrt (rsqrt,
+    one Newton correction) without its branch for special inputs, as in fsgld_math.h."""
+    y = tl.rsqrt(x)
+    s = x * y
+    return tl.fma(tl.fma(-s, s, x), y * 0.5, s)
+
+
+@triton.jit
 def _box_muller(wa, wb):
     """SPEC's box_muller of the words (u(wa), u(wb))."""
-    r = tl.sqrt_rn(_minus_two_log_u(wa))
+    r = _sqrt_box_muller(_minus_two_log_u(wa))
     s, c = _sincos_2pi_u(wb)
     return r * c, r * s
 
@@ -180,30 +189,102 @@ def _fused_step_kernel(
     if HAS_LR_T:
         lr = tl.load(lr_ptr)
         noise_std = noise_std * tl.sqrt(lr)
-    t, blk, idx, mask, pid = _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr, BLOCK)
-    p_ptr = tl.load(param_addr + t).to(tl.pointer_type(P_DTYPE))
-    g_ptr = tl.load(grad_addr + t).to(tl.pointer_type(P_DTYPE))
-    theta = _load_clean(p_ptr, master_addr, t, idx, mask, HAS_MASTER)
-    if RESTORE:  # only without masters: the master is never perturbed
-        theta = theta - restore_sigma * _normals(seed, blk, step, pid * 2)
-    d = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    inv_scale = 1.0
     if HAS_SCALE:
-        d = d * (1.0 / tl.load(grad_scale_ptr))
+        inv_scale = 1.0 / tl.load(grad_scale_ptr)
+    t, blk, idx, mask, pid = _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr, BLOCK)
+    # The three streams first (unused ones are zeros the compiler drops), then the memory.
+    e_k = tl.zeros(idx.shape, tl.float32)
+    xi = tl.zeros(idx.shape, tl.float32)
+    e_n = tl.zeros(idx.shape, tl.float32)
+    if RESTORE:  # only without masters: the master is never perturbed
+        e_k = _normals(seed, blk, step, pid * 2)
+    if NOISE:
+        xi = _normals(seed, blk, step, pid * 2 + 1)
+    if AHEAD:
+        e_n = _normals(seed, blk, step + 1, pid * 2)
+    p_addr = tl.load(param_addr + t)
+    g_addr = tl.load(grad_addr + t)
+    b_addr = p_addr
+    m_addr = p_addr
+    if HAS_MOMENTUM:
+        b_addr = tl.load(buf_addr + t)
+    if HAS_MASTER:
+        m_addr = tl.load(master_addr + t)
+    # A program inside an aligned tensor (the usual case) runs without masks, on 32-bit offsets from
+    # the program's first element, with 16-byte-aligned bases the compiler can see (vector access).
+    first = tl.load(chunk_index_ptr + tl.program_id(0)).to(tl.int64) * (4 * BLOCK)
+    n = tl.load(numel_ptr + t)
+    off = tl.load(offset_ptr + t)
+    if ((off & 3) == 0) & (first + 4 * BLOCK <= n) & (((p_addr | g_addr | b_addr | m_addr) & 15) == 0):
+        loc = tl.arange(0, BLOCK)[:, None] * 4 + tl.arange(0, 4)[None, :]
+        _step_elements(_aligned(p_addr, first, loc, P_DTYPE), _aligned(g_addr, first, loc, P_DTYPE),
+                       _aligned(b_addr, first, loc, B_DTYPE), _aligned(m_addr, first, loc, tl.float32), 0, loc,
+                       e_k, xi, e_n, lr, weight_decay, momentum, noise_std, restore_sigma, perturb_sigma, inv_scale,
+                       P_DTYPE, B_DTYPE, P_SOFT, B_SOFT, HAS_MASTER, HAS_MOMENTUM, HAS_SCALE, RESTORE, NOISE, AHEAD,
+                       WEIGHT_DECAY, False)
+    else:
+        _step_elements(p_addr.to(tl.pointer_type(P_DTYPE)), g_addr.to(tl.pointer_type(P_DTYPE)),
+                       b_addr.to(tl.pointer_type(B_DTYPE)), m_addr.to(tl.pointer_type(tl.float32)), idx, mask,
+                       e_k, xi, e_n, lr, weight_decay, momentum, noise_std, restore_sigma, perturb_sigma, inv_scale,
+                       P_DTYPE, B_DTYPE, P_SOFT, B_SOFT, HAS_MASTER, HAS_MOMENTUM, HAS_SCALE, RESTORE, NOISE, AHEAD,
+                       WEIGHT_DECAY, True)
+
+
+@triton.jit
+def _aligned(addr, first, loc, DTYPE: tl.constexpr):
+    """Pointers to elements first + loc of the tensor at addr, each row of four 16-byte aligned
+    when addr is (the caller checks): the hint that lets the compiler use vector accesses."""
+    ptrs = addr.to(tl.pointer_type(DTYPE)) + first + loc
+    return tl.max_contiguous(tl.multiple_of(ptrs, [16, 16]), [1, 4])
+
+
+@triton.jit
+def _step_elements(p_ptr, g_ptr, b_ptr, m_ptr, idx, mask, e_k, xi, e_n, lr, weight_decay, momentum, noise_std,
+                   restore_sigma, perturb_sigma, inv_scale, P_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr,
+                   P_SOFT: tl.constexpr, B_SOFT: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+                   HAS_SCALE: tl.constexpr, RESTORE: tl.constexpr, NOISE: tl.constexpr, AHEAD: tl.constexpr,
+                   WEIGHT_DECAY: tl.constexpr, MASKED: tl.constexpr):
+    """SPEC section 3 on the elements idx of one program (masked at the tensor's edges)."""
+    if HAS_MASTER:
+        theta = _load(m_ptr + idx, mask, MASKED)
+    else:
+        theta = _load(p_ptr + idx, mask, MASKED).to(tl.float32)
+    if RESTORE:
+        theta = theta - restore_sigma * e_k
+    d = _load(g_ptr + idx, mask, MASKED).to(tl.float32)
+    if HAS_SCALE:
+        d = d * inv_scale
     if WEIGHT_DECAY:
         d = d + weight_decay * theta
     if HAS_MOMENTUM:
-        b_ptr = tl.load(buf_addr + t).to(tl.pointer_type(B_DTYPE))
-        buf = _round_to(momentum * tl.load(b_ptr + idx, mask=mask, other=0.0).to(tl.float32) + d, B_DTYPE, B_SOFT)
-        tl.store(b_ptr + idx, buf, mask=mask)
+        buf = _round_to(momentum * _load(b_ptr + idx, mask, MASKED).to(tl.float32) + d, B_DTYPE, B_SOFT)
+        _store(b_ptr + idx, buf, mask, MASKED)
         d = buf.to(tl.float32)  # the direction is the buffer as stored
     theta = theta - lr * d
     if NOISE:
-        theta = theta + noise_std * _normals(seed, blk, step, pid * 2 + 1)
+        theta = theta + noise_std * xi
     if HAS_MASTER:
-        tl.store(tl.load(master_addr + t).to(tl.pointer_type(tl.float32)) + idx, theta, mask=mask)
+        _store(m_ptr + idx, theta, mask, MASKED)
     if AHEAD:
-        theta = theta + perturb_sigma * _normals(seed, blk, step + 1, pid * 2)
-    tl.store(p_ptr + idx, _round_to(theta, P_DTYPE, P_SOFT), mask=mask)
+        theta = theta + perturb_sigma * e_n
+    _store(p_ptr + idx, _round_to(theta, P_DTYPE, P_SOFT), mask, MASKED)
+
+
+@triton.jit
+def _load(ptr, mask, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptr, mask=mask, other=0.0)
+    else:
+        return tl.load(ptr)
+
+
+@triton.jit
+def _store(ptr, x, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr, x, mask=mask)
+    else:
+        tl.store(ptr, x)
 
 
 @triton.jit(do_not_specialize=["seed", "step"])
