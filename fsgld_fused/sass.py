@@ -290,8 +290,24 @@ def nvcc_flags(root: str) -> list[str]:
                 if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "NVCC_FLAGS")
 
 
-def compile_cuda(root: str, workdir: str, arch: int = 90) -> str:
-    """csrc/fsgld_cuda.cu -> an sm_90 cubin, with the flags the extension build uses."""
+_FLAG_BITS = {"restore": 1, "noise": 2, "ahead": 4, "momentum": 8, "master": 16}  # StepFlags in the .cuh
+
+
+def _cuda_type(v: Variant) -> tuple[str, str]:
+    s = {"float32": "float", "bfloat16": "c10::BFloat16"}[v.dtype]
+    return s, "float" if v.master or v.dtype == "float32" else s
+
+
+def _flags(v: Variant) -> int:
+    return sum(bit for name, bit in _FLAG_BITS.items() if getattr(v, name, False))
+
+
+def compile_cuda(root: str, workdir: str, variants=VARIANTS, arch: int = 90) -> str:
+    """The fused step kernels of csrc/fsgld_cuda_kernels.cuh -> an sm_90 cubin, compiled with the
+    flags the extension build uses. A small translation unit instantiates only the counted
+    variants (a template kernel's SASS does not depend on the file that instantiates it), which
+    takes seconds instead of compiling all 72 step kernels of csrc/fsgld_cuda.cu; a checkout
+    whose kernels are not templated on the flags (--source before issue 13) gets the whole file."""
     from torch.utils.cpp_extension import include_paths
 
     # A CPU-only torch wheel ships every c10/cuda header but the one its CUDA build generates.
@@ -299,15 +315,22 @@ def compile_cuda(root: str, workdir: str, arch: int = 90) -> str:
     os.makedirs(shim, exist_ok=True)
     with open(os.path.join(shim, "cuda_cmake_macros.h"), "w") as f:
         f.write("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    kernels = ", ".join("(const void*)&fused_step_kernel<{}, {}, {}u>".format(*_cuda_type(v), _flags(v))
+                        for v in variants)
+    tu = os.path.join(workdir, "sass_kernels.cu")
+    with open(tu, "w") as f:
+        f.write('#include "fsgld_cuda_kernels.cuh"\n'
+                f"namespace fsgld::cuda_kernels {{ const void* sass_kernels[] = {{{kernels}}}; }}\n")
     cubin = os.path.join(workdir, f"fsgld_cuda.sm_{arch}.cubin")
-    cmd = [find_nvcc(), "-std=c++20", *nvcc_flags(root), "-cubin", f"-arch=sm_{arch}", "-o", cubin,
-           os.path.join(root, "csrc", "fsgld_cuda.cu")]
-    cmd += [f"-I{p}" for p in include_paths()] + [f"-I{os.path.join(workdir, 'shim')}",
-                                                   f"-I{sysconfig.get_paths()['include']}", f"-I{os.path.join(root, 'csrc')}"]
+    base = [find_nvcc(), "-std=c++20", *nvcc_flags(root), "-cubin", f"-arch=sm_{arch}", "-o", cubin]
+    base += [f"-I{p}" for p in include_paths()] + [f"-I{os.path.join(workdir, 'shim')}",
+                                                    f"-I{sysconfig.get_paths()['include']}", f"-I{os.path.join(root, 'csrc')}"]
     # what torch's CUDAExtension adds
-    cmd += ["--expt-relaxed-constexpr", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-            "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    base += ["--expt-relaxed-constexpr", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+             "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+    res = subprocess.run(base + [tu], capture_output=True, text=True)
+    if res.returncode != 0:
+        res = subprocess.run(base + [os.path.join(root, "csrc", "fsgld_cuda.cu")], capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError("nvcc failed:\n" + res.stderr[-4000:])
     return cubin
@@ -327,35 +350,26 @@ def _read_constant(root: str, name: str) -> int:
 
 
 def cuda_kernel_for(variant: Variant, demangled: dict[str, str]) -> Optional[str]:
-    """The mangled name of the fused step kernel instantiation that runs `variant`.
-
-    Kernels templated on the step flags (fused_step_kernel<S, B, Flags>) are matched on them;
-    a kernel with runtime flags (fused_step_kernel<S, B>) serves every variant of its types."""
-    s = {"float32": "float", "bfloat16": "c10::BFloat16"}[variant.dtype]
-    b = "float" if variant.master or variant.dtype == "float32" else s
-    want = {"restore": variant.restore, "noise": variant.noise, "ahead": variant.ahead, "momentum": False,
-            "master": variant.master}
+    """The mangled name of the fused step kernel instantiation that runs `variant`: matched on its
+    template flags (fused_step_kernel<S, B, Flags>), or the one kernel of its types whose flags are
+    runtime arguments (fused_step_kernel<S, B>, before issue 13)."""
+    s, b = _cuda_type(variant)
     for mangled, name in demangled.items():
         m = re.search(r"fused_step_kernel<([^,<>]+), ([^,<>]+)(?:, (\d+)u?)?>", name)
-        if not m or m.group(1).strip() != s or m.group(2).strip() != b:
-            continue
-        if m.group(3) is None:
-            return mangled
-        flags = int(m.group(3))
-        bits = {"restore": 1, "noise": 2, "ahead": 4, "momentum": 8, "master": 16}
-        if all(bool(flags & bits[k]) == v for k, v in want.items()) and flags < 32:
-            return mangled
+        if m and m.group(1).strip() == s and m.group(2).strip() == b:
+            if m.group(3) is None or int(m.group(3)) == _flags(variant):
+                return mangled
     return None
 
 
-def count_cuda(root: str, workdir: str) -> list[dict]:
-    cubin = compile_cuda(root, workdir)
+def count_cuda(root: str, workdir: str, variants=VARIANTS) -> list[dict]:
+    cubin = compile_cuda(root, workdir, variants)
     names = _function_names(cubin)
     demangled = _demangle(names)
     usage = resource_usage(cubin)
     elements = 4 * _read_constant(root, "kBlocksPerThread")
     rows = []
-    for v in VARIANTS:
+    for v in variants:
         fn = cuda_kernel_for(v, demangled)
         if fn is None:
             continue
@@ -406,7 +420,7 @@ def _triton_constexprs(K, v: Variant, block: int) -> dict:
     return {k: val for k, val in values.items() if k in names}
 
 
-def count_triton(root: str, workdir: str) -> list[dict]:
+def count_triton(root: str, workdir: str, variants=VARIANTS) -> list[dict]:
     import inspect
 
     import triton
@@ -418,7 +432,7 @@ def count_triton(root: str, workdir: str) -> list[dict]:
     fn = K._fused_step_kernel
     names = list(inspect.signature(fn.fn).parameters)
     rows = []
-    for v in VARIANTS:
+    for v in variants:
         for block, warps in TRITON_CONFIGS:
             constexprs = _triton_constexprs(K, v, block)
             sig = {n: ("constexpr" if n in constexprs else TRITON_TYPES[n]) for n in names}
@@ -458,7 +472,7 @@ MODEL = (
 )
 
 
-def collect(root: str, backends: list[str]) -> tuple[list[dict], list[str]]:
+def collect(root: str, backends: list[str], variants=VARIANTS) -> tuple[list[dict], list[str]]:
     rows, skipped = [], []
     with tempfile.TemporaryDirectory(prefix="fsgld-sass-") as work:
         if find_tool("cuobjdump") is None:
@@ -467,14 +481,14 @@ def collect(root: str, backends: list[str]) -> tuple[list[dict], list[str]]:
             if find_nvcc() is None:
                 skipped.append("cuda: nvcc not found")
             else:
-                rows += count_cuda(root, work)
+                rows += count_cuda(root, work, variants)
         if "triton" in backends:
             try:
                 from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
             except ImportError:
                 skipped.append("triton: its NVIDIA backend is not installed")
             else:
-                rows += count_triton(root, work)
+                rows += count_triton(root, work, variants)
     return rows, skipped
 
 
@@ -496,12 +510,15 @@ def print_table(rows: list[dict], out=sys.stdout) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="FILE", help="also write the counts as JSON")
     parser.add_argument("--backends", default="cuda,triton", help="comma-separated: cuda, triton")
+    parser.add_argument("--dtype", choices=sorted({v.dtype for v in VARIANTS}), help="count only this param dtype")
+    parser.add_argument("--variant", choices=sorted({v.name for v in VARIANTS}), help="count only this variant")
     parser.add_argument("--source", default=ROOT, metavar="DIR",
                         help="a checkout to count (default: this one), e.g. an older commit for before/after")
 
 
 def main(args: argparse.Namespace) -> int:
-    rows, skipped = collect(os.path.abspath(args.source), args.backends.split(","))
+    variants = [v for v in VARIANTS if args.dtype in (None, v.dtype) and args.variant in (None, v.name)]
+    rows, skipped = collect(os.path.abspath(args.source), args.backends.split(","), variants)
     print(MODEL)
     print()
     print_table(rows)
