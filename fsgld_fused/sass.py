@@ -493,7 +493,7 @@ def collect(root: str, backends: list[str], variants=VARIANTS) -> tuple[list[dic
 
 
 def print_table(rows: list[dict], out=sys.stdout) -> None:
-    head = (f"{'backend':7s} {'variant':34s} {'instr/elem':>10s}  " + " ".join(f"{c:>7s}" for c in CLASSES)
+    head = (f"{'backend':7s} {'variant':38s} {'instr/elem':>10s}  " + " ".join(f"{c:>7s}" for c in CLASSES)
             + f" {'B/elem':>6s} {'regs':>4s} {'spill':>5s} {'H100':>5s} {'H200':>5s}")
     print(head, file=out)
     for r in rows:
@@ -502,7 +502,7 @@ def print_table(rows: list[dict], out=sys.stdout) -> None:
             label += f" B{r['block']}"
         cls = " ".join(f"{r['by_class_per_element'][c]:7.1f}" for c in CLASSES)
         fr = r["roofline"]
-        print(f"{r['backend']:7s} {label:34s} {r['instructions_per_element']:10.1f}  {cls} "
+        print(f"{r['backend']:7s} {label:38s} {r['instructions_per_element']:10.1f}  {cls} "
               f"{r['global_bytes_per_element']:6.2f} {r['registers'] or 0:4d} {r['spill_bytes'] or 0:5d} "
               f"{fr['H100']['fraction_of_floor']:5.0%} {fr['H200']['fraction_of_floor']:5.0%}", file=out)
 
