@@ -233,10 +233,12 @@ def _fused_step_kernel(
 
 @triton.jit
 def _aligned(addr, first, loc, DTYPE: tl.constexpr):
-    """Pointers to elements first + loc of the tensor at addr, each row of four 16-byte aligned
-    when addr is (the caller checks): the hint that lets the compiler use vector accesses."""
+    """Pointers to elements first + loc of the tensor at addr, each row of four elements aligned to
+    its size when addr is 16-byte aligned (the caller checks): the hint that lets the compiler use
+    one vector access per row."""
     ptrs = addr.to(tl.pointer_type(DTYPE)) + first + loc
-    return tl.max_contiguous(tl.multiple_of(ptrs, [16, 16]), [1, 4])
+    ROW: tl.constexpr = DTYPE.primitive_bitwidth // 2  # bytes of four elements
+    return tl.max_contiguous(tl.multiple_of(ptrs, [ROW, ROW]), [1, 4])
 
 
 @triton.jit
