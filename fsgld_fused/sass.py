@@ -22,6 +22,11 @@ a path as invalid, and a `@P EXIT` may be taken or not. Loops are not re-entered
 loops are unrolled). Instructions per element = instructions on that path / elements per
 thread: CUDA kBlocksPerThread * 4; Triton 4 * BLOCK / (32 * num_warps).
 
+Classes: int-mul (IMAD/IMUL products; the IMAD.MOV/SHL/IADD forms are moves and count as alu),
+alu (integer add, logic, shifts, compares, selects, moves), fp32 (F*, HFMA2 used as a move, and
+the I2F/F2I conversions), mufu, memory (global, shared, constant and local loads and stores),
+control (branches, EXIT, convergence barriers), uniform (the U* datapath, S2UR, R2UR).
+
 The roofline: at the memory floor a kernel moves `bytes` per element at the copy bandwidth, so
 it may issue at most 132 SMs x 128 thread-instructions/clock x clock x bytes / bandwidth
 instructions per element (H100 SXM: 1.98 GHz, 3.0 TB/s -> 134 for 12 B; H200: 4.3 TB/s -> 93);
@@ -68,11 +73,9 @@ class Variant:
     ahead: bool
     nominal_bytes: int  # bytes per element at the floor: param, grad, master as SPEC 3 counts them
 
-    @property
-    def label(self) -> str:
-        return f"{self.dtype}{'+master' if self.master else ''} {self.name}"
 
-
+# Rademacher rows (issue 14): one Variant each, plus its bit in _FLAG_BITS (CUDA) and its
+# constexpr in _triton_constexprs.
 VARIANTS = (
     Variant("gaussian-full", "float32", False, True, True, True, 12),
     Variant("gaussian-noise-only", "float32", False, False, True, False, 12),
@@ -140,6 +143,7 @@ def _mem_bytes(ins: Instr) -> int:
 
 
 def _is_vector(ins: Instr) -> bool:
+    """A 64- or 128-bit global access of the element data (read-only .CONSTANT loads are tables)."""
     return _mem_bytes(ins) >= 8 and not (ins.base == "LDG" and ".CONSTANT" in ins.op)
 
 
