@@ -55,7 +55,7 @@ constexpr int64_t kGroups = (kMaxBlocks + 15) / 16;
 __attribute__((always_inline)) inline void box_muller_pairs(const uint32_t* __restrict wa,
                                                             const uint32_t* __restrict wb, float* __restrict nc,
                                                             float* __restrict ns, int64_t npairs) {
-  for (int64_t i = 0; i < npairs; ++i) box_muller(uniform01(wa[i]), uniform01(wb[i]), &nc[i], &ns[i]);
+  for (int64_t i = 0; i < npairs; ++i) box_muller(wa[i], wb[i], &nc[i], &ns[i]);
 }
 
 }  // namespace

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from . import _backends, _cli, benchmark, demo, reference
+from . import _backends, _cli, benchmark, demo, reference, sass
 from .baselines import NaiveFSGLD, median, time_fn
 from .optimizer import FSGLD
 
@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="SGD / SGLD / SAM / fSGLD on digits with label noise: accuracy, calibration, OOD")
     demo.add_arguments(d)
     d.set_defaults(func=demo.main)
+    s = sub.add_parser("sass", formatter_class=fmt,
+                       help="static sm_90 SASS instructions per element of the step kernels (no GPU needed)")
+    sass.add_arguments(s)
+    s.set_defaults(func=sass.main)
     return parser
 
 
