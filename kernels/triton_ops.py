@@ -625,7 +625,8 @@ def normals(seed, pid, step, kind, numel, offset=0, device="cpu"):
     if numel:
         block = 256
         nblk = (offset + numel - 1) // 4 - offset // 4 + 1
-        _normals_kernel[(-(-nblk // block),)](out, numel, offset, seed, step, (pid << 1) | kind, BLOCK=block)
+        with _on_device(out.device):
+            _normals_kernel[(-(-nblk // block),)](out, numel, offset, seed, step, (pid << 1) | kind, BLOCK=block)
     return out
 
 
@@ -633,5 +634,7 @@ def philox_words(seed, pid, step, kind, first_block, nblocks, device="cpu"):
     out = torch.empty(nblocks, 4, dtype=torch.int32, device=device)
     if nblocks:
         block = 256
-        _words_kernel[(-(-nblocks // block),)](out, nblocks, first_block, seed, step, (pid << 1) | kind, BLOCK=block)
+        with _on_device(out.device):  # also the Rademacher signs' words (fsgld_fused._backends)
+            _words_kernel[(-(-nblocks // block),)](out, nblocks, first_block, seed, step, (pid << 1) | kind,
+                                                   BLOCK=block)
     return out
