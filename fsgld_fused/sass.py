@@ -65,17 +65,16 @@ CLASSES = ("int-mul", "alu", "fp32", "mufu", "memory", "control", "uniform")
 class Variant:
     """One step-kernel configuration: what the launch code would pick for such a call."""
 
-    name: str  # gaussian-full, gaussian-noise-only, ... (rademacher-* later)
+    name: str  # gaussian-full, gaussian-noise-only, rademacher-full
     dtype: str  # float32 | bfloat16
     master: bool  # fp32 master weights (low-precision params)
     restore: bool
     noise: bool
     ahead: bool
     nominal_bytes: int  # bytes per element at the floor: param, grad, master as SPEC 3 counts them
+    rademacher: bool = False  # the perturbations (restore, ahead) are signs (SPEC 2b); xi stays Gaussian
 
 
-# Rademacher rows (issue 14): one Variant each, plus its bit in _FLAG_BITS (CUDA) and its
-# constexpr in _triton_constexprs.
 VARIANTS = (
     Variant("gaussian-full", "float32", False, True, True, True, 12),
     Variant("gaussian-noise-only", "float32", False, False, True, False, 12),
@@ -84,6 +83,9 @@ VARIANTS = (
     # with masters the restore is the master itself: no eps_k
     Variant("gaussian-full", "bfloat16", True, False, True, True, 12),
     Variant("gaussian-noise-only", "bfloat16", True, False, True, False, 12),
+    Variant("rademacher-full", "float32", False, True, True, True, 12, rademacher=True),
+    Variant("rademacher-full", "bfloat16", False, True, True, True, 6, rademacher=True),
+    Variant("rademacher-full", "bfloat16", True, False, True, True, 12, rademacher=True),
 )
 
 
@@ -294,7 +296,7 @@ def nvcc_flags(root: str) -> list[str]:
                 if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "NVCC_FLAGS")
 
 
-_FLAG_BITS = {"restore": 1, "noise": 2, "ahead": 4, "momentum": 8, "master": 16}  # StepFlags in the .cuh
+_FLAG_BITS = {"restore": 1, "noise": 2, "ahead": 4, "momentum": 8, "master": 16, "rademacher": 32}  # StepFlags (.cuh)
 
 
 def _cuda_type(v: Variant) -> tuple[str, str]:
@@ -419,7 +421,8 @@ def _triton_constexprs(K, v: Variant, block: int) -> dict:
     p = {"float32": tl.float32, "bfloat16": tl.bfloat16}[v.dtype]
     values = dict(P_DTYPE=p, B_DTYPE=tl.float32 if v.master else p, P_SOFT=False, B_SOFT=False, HAS_STEP_T=False,
                   HAS_LR_T=False, HAS_MASTER=v.master, HAS_MOMENTUM=False, HAS_SCALE=False, HAS_FOUND_INF=False,
-                  RESTORE=v.restore, NOISE=v.noise, AHEAD=v.ahead, WEIGHT_DECAY=True, BLOCK=block)
+                  RESTORE=v.restore, NOISE=v.noise, AHEAD=v.ahead, WEIGHT_DECAY=True, BLOCK=block,
+                  RESTORE_SIGNS=v.rademacher and v.restore, AHEAD_SIGNS=v.rademacher and v.ahead)
     names = inspect.signature(K._fused_step_kernel.fn).parameters
     return {k: val for k, val in values.items() if k in names}
 
