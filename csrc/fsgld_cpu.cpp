@@ -216,6 +216,51 @@ const bool kHasAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_suppo
                         std::getenv("FSGLD_CPU_NO_AVX512") == nullptr;
 #endif
 
+// ---- Rademacher signs (SPEC 2b) as +-1.0: the step's loop multiplies them by sigma, exactly ----
+// A chunk spans at most kMaxRBlocks Rademacher blocks (128 elements, one Philox call each).
+constexpr int64_t kMaxRBlocks = kChunk / 128 + 1;
+
+// Portable: the words one call at a time, then bit j of each word -> +1.0 / -1.0 in a loop of
+// constant trip count that GCC vectorizes (variable shifts in the AVX2 clone).
+FSGLD_CLONES void fill_signs_portable(Stream st, uint64_t first, int64_t nr, float* __restrict out) {
+  uint32_t words[4 * kMaxRBlocks];
+  for (int64_t r = 0; r < nr; ++r) rademacher_words(st, first + (uint64_t)r, words + 4 * r);
+  for (int64_t i = 0; i < 4 * nr; ++i) {
+    const uint32_t w = words[i];
+    uint32_t bits[32];
+    for (int j = 0; j < 32; ++j) bits[j] = 0x3F800000u | (~(w >> j) << 31);  // bit clear: -1.0
+    __builtin_memcpy(out + 32 * i, bits, sizeof(bits));
+  }
+}
+
+#if FSGLD_X86
+// AVX-512: 16 Rademacher blocks per Philox call of the vector lanes, each word -> two masked blends.
+__attribute__((target("avx512f,fma"))) void fill_signs_avx512(Stream st, uint64_t first, int64_t nr,
+                                                               float* __restrict out) {
+  const __m512 plus = _mm512_set1_ps(1.0f), minus = _mm512_set1_ps(-1.0f);
+  for (int64_t g = 0; g < nr; g += 16) {
+    __m512i w[4];
+    philox16(st, first + (uint64_t)g, w);
+    alignas(64) uint32_t tmp[4][16];
+    for (int k = 0; k < 4; ++k) _mm512_store_si512(tmp[k], w[k]);
+    for (int64_t j = 0; j < std::min<int64_t>(16, nr - g); ++j) {
+      for (int k = 0; k < 4; ++k) {
+        float* o = out + 128 * (g + j) + 32 * k;
+        _mm512_store_ps(o, _mm512_mask_blend_ps((__mmask16)(tmp[k][j] & 0xFFFFu), minus, plus));
+        _mm512_store_ps(o + 16, _mm512_mask_blend_ps((__mmask16)(tmp[k][j] >> 16), minus, plus));
+      }
+    }
+  }
+}
+#endif
+
+void fill_signs(const Stream& st, uint64_t first, int64_t nr, float* __restrict out) {
+#if FSGLD_X86
+  if (kHasAvx512) return fill_signs_avx512(st, first, nr, out);
+#endif
+  fill_signs_portable(st, first, nr, out);
+}
+
 void fill_normals(const Stream& st, uint64_t first_block, int64_t nblocks, float* __restrict out) {
 #if FSGLD_X86
   if (kHasAvx512) return fill_normals_avx512(st, first_block, nblocks, out);
@@ -223,15 +268,26 @@ void fill_normals(const Stream& st, uint64_t first_block, int64_t nblocks, float
   fill_normals_portable(st, first_block, nblocks, out);
 }
 
-// Normals for global elements [g0, g0 + len) of a stream; returns where element g0 lands in buf.
+// The noise of global elements [g0, g0 + len) of a stream: normals, or Rademacher signs as +-1.0
+// (one Philox call per 128 elements; the step's loop multiplies them by sigma, exactly). Returns
+// where element g0 lands in the buffer.
 struct NoiseBuf {
-  alignas(64) float data[64 * kGroups];  // fills cover whole 16-block groups
+  alignas(64) float data[64 * kGroups + 128];  // normal fills cover whole 16-block groups, signs whole 128s
   const float* fill(const Stream& st, int64_t g0, int64_t len) {
     const int64_t first = g0 >> 2, last = (g0 + len - 1) >> 2;
     fill_normals(st, (uint64_t)first, last - first + 1, data);
     return data + (g0 & 3);
   }
+  const float* fill_rademacher(const Stream& st, int64_t g0, int64_t len) {
+    const int64_t first = g0 >> 7, last = (g0 + len - 1) >> 7;
+    fsgld::fill_signs(st, (uint64_t)first, last - first + 1, data);
+    return data + (g0 & 127);
+  }
+  const float* fill(const Stream& st, int64_t g0, int64_t len, bool signs) {
+    return signs ? fill_rademacher(st, g0, len) : fill(st, g0, len);
+  }
 };
+static_assert(128 * kMaxRBlocks <= 64 * kGroups + 128, "a chunk's signs fit the buffer");
 
 template <typename S>
 using math_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
@@ -270,7 +326,7 @@ void perturb_chunk(S* __restrict p, const float* __restrict master, const float*
 }
 
 void perturb_cpu(at::TensorList params, at::TensorList masters, at::IntArrayRef param_ids, at::IntArrayRef offsets,
-                 int64_t seed, int64_t step, double sigma, const std::optional<at::Tensor>& step_t) {
+                 int64_t seed, int64_t step, double sigma, const std::optional<at::Tensor>& step_t, bool rademacher) {
   check_lists(c10::DeviceType::CPU, params, {}, {}, masters, param_ids, offsets);
   if (params.empty()) return;
   check_step_tensor(step_t, params[0].device());
@@ -281,7 +337,7 @@ void perturb_cpu(at::TensorList params, at::TensorList masters, at::IntArrayRef 
     for_each_chunk(prefix, [&](size_t t, int64_t i0, int64_t len) {
       NoiseBuf eps;
       const Stream st = make_stream(seed_bits(seed), param_ids[t], step, kEps);
-      const float* e = eps.fill(st, offsets[t] + i0, len);
+      const float* e = eps.fill(st, offsets[t] + i0, len, rademacher);
       S* p = params[t].data_ptr<S>() + i0;
       if (masters.empty()) {
         perturb_chunk<S, false>(p, nullptr, e, len, math_t<S>(sigma));
@@ -340,7 +396,7 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     int64_t step, double lr, double weight_decay, double momentum, double noise_std,
                     double restore_sigma, double perturb_sigma, const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& step_t,
-                    const std::optional<at::Tensor>& lr_t) {
+                    const std::optional<at::Tensor>& lr_t, bool restore_rademacher, bool perturb_rademacher) {
   check_fused_step(c10::DeviceType::CPU, params, grads, momentum_buffers, masters, param_ids, offsets, momentum,
                    grad_scale, found_inf, step_t, lr_t);
   if (params.empty()) return;
@@ -374,9 +430,11 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
       NoiseBuf b_eps_k, b_xi, b_eps_n;
       const uint64_t sd = seed_bits(seed);
       const int64_t g0 = offsets[t] + i0;
-      const float* eps_k = restore ? b_eps_k.fill(make_stream(sd, param_ids[t], step, kEps), g0, len) : kZeros;
+      const float* eps_k =
+          restore ? b_eps_k.fill(make_stream(sd, param_ids[t], step, kEps), g0, len, restore_rademacher) : kZeros;
       const float* xi = noise ? b_xi.fill(make_stream(sd, param_ids[t], step, kXi), g0, len) : kZeros;
-      const float* eps_n = ahead ? b_eps_n.fill(make_stream(sd, param_ids[t], step + 1, kEps), g0, len) : kZeros;
+      const float* eps_n =
+          ahead ? b_eps_n.fill(make_stream(sd, param_ids[t], step + 1, kEps), g0, len, perturb_rademacher) : kZeros;
       if (has_master) {
         float* buf = c.has_momentum ? momentum_buffers[t].data_ptr<float>() + i0 : nullptr;
         step_chunk_dispatch<S, float, true>(p, g, buf, master, eps_k, xi, eps_n, len, c);

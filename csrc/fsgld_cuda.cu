@@ -27,23 +27,24 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      int64_t step, double lr, double weight_decay, double momentum, double noise_std,
                      double restore_sigma, double perturb_sigma, const std::optional<at::Tensor>& grad_scale,
                      const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& step_t,
-                     const std::optional<at::Tensor>& lr_t) {
+                     const std::optional<at::Tensor>& lr_t, bool restore_rademacher, bool perturb_rademacher) {
   check_fused_step(c10::DeviceType::CUDA, params, grads, momentum_buffers, masters, param_ids, offsets, momentum,
                    grad_scale, found_inf, step_t, lr_t);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   fused_step_host(params, grads, momentum_buffers, masters, param_ids, offsets, seed, step, lr, weight_decay, momentum,
-                  noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, step_t, lr_t,
-                  GpuLaunch{c10::cuda::getCurrentCUDAStream()});
+                  noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, step_t, lr_t, restore_rademacher,
+                  perturb_rademacher, GpuLaunch{c10::cuda::getCurrentCUDAStream()});
 }
 
 void perturb_cuda(at::TensorList params, at::TensorList masters, at::IntArrayRef param_ids, at::IntArrayRef offsets,
-                  int64_t seed, int64_t step, double sigma, const std::optional<at::Tensor>& step_t) {
+                  int64_t seed, int64_t step, double sigma, const std::optional<at::Tensor>& step_t,
+                  bool rademacher) {
   check_lists(c10::DeviceType::CUDA, params, {}, {}, masters, param_ids, offsets);
   if (params.empty()) return;
   check_step_tensor(step_t, params[0].device());
   const c10::cuda::CUDAGuard guard(params[0].device());
-  perturb_host(params, masters, param_ids, offsets, seed, step, sigma, step_t,
+  perturb_host(params, masters, param_ids, offsets, seed, step, sigma, step_t, rademacher,
                GpuLaunch{c10::cuda::getCurrentCUDAStream()});
 }
 

@@ -94,22 +94,68 @@ __device__ __forceinline__ void store4(T* x, const Vec4<T>& r, bool vec, int lo,
 // What a fused step kernel does, as template flags: every combination is its own kernel, with no
 // runtime branch around a noise stream, so the three streams share one Philox key schedule and
 // the per-element code is straight-line (sm_90 SASS: 24 instructions per element fewer than with
-// runtime flags). Another perturbation distribution (SPEC 2b) is one more bit.
-enum StepFlags : unsigned { kRestore = 1, kNoise = 2, kAhead = 4, kMomentum = 8, kMaster = 16 };
+// runtime flags). kRestoreSigns / kAheadSigns: that perturbation is Rademacher (SPEC 2b), not
+// Gaussian; separate bits, so a step that switches kinds (restore one, draw the other) stays fused.
+enum StepFlags : unsigned {
+  kRestore = 1, kNoise = 2, kAhead = 4, kMomentum = 8, kMaster = 16, kRestoreSigns = 32, kAheadSigns = 64
+};
+constexpr unsigned kAllFlags = 128;
+
+// sigma * eps of one Gaussian block's four elements: normals times sigma, or +-sigma from the
+// block's sign nibble (SPEC 2b).
+template <bool kSigns>
+__device__ __forceinline__ void perturbation4(const Stream& st, uint32_t blk_lo, uint32_t blk_hi, uint32_t nibble,
+                                              float sigma, float out[4]) {
+  if constexpr (kSigns) {
+#pragma unroll
+    for (int l = 0; l < 4; ++l) out[l] = signed_sigma(sigma, nibble, l);
+  } else {
+    normal4(st, blk_lo, blk_hi, out);
+#pragma unroll
+    for (int l = 0; l < 4; ++l) out[l] = sigma * out[l];
+  }
+}
+
+// Signs on the interior path, one Philox call per thread instead of one per Gaussian block (four):
+// with the chunk's first element 128-aligned, iteration `it` of warp w covers Rademacher block
+// r0 + 8 it + w, and lane l needs its word l >> 3. Lane l draws block r0 + 8 (l & 3) + w and keeps
+// word l >> 3; at iteration `it` lane (l & ~7) | it holds the word lane l needs (one shuffle).
+static_assert(kThreads == 256 && kBlocksPerThread == 4, "the lane map of warp_sign_word");
+
+__device__ __forceinline__ uint32_t lane_sign_word(const Stream& st, uint64_t r0, unsigned lane, unsigned warp) {
+  uint32_t w[4];
+  rademacher_words(st, r0 + 8 * (lane & 3) + warp, w);
+  const unsigned k = lane >> 3;
+  return k == 0 ? w[0] : k == 1 ? w[1] : k == 2 ? w[2] : w[3];
+}
+
+__device__ __forceinline__ uint32_t warp_sign_word(uint32_t mine, const Stream& st, uint64_t r0, unsigned lane,
+                                                   unsigned warp, int it) {
+  const unsigned src = (lane & ~7u) | (unsigned)it;
+#if defined(__CUDA_ARCH__)
+  return __shfl_sync(0xFFFFFFFFu, mine, src);
+#else  // the CPU emulation runs the lanes one by one: lane src's word, recomputed
+  (void)mine;
+  return lane_sign_word(st, r0, src, warp);
+#endif
+}
 
 // One Philox block (four consecutive elements) of the fused step: lanes [lo, hi) are inside the
 // tensor; `vec`: 16-byte (fp32) or 8-byte (bf16/fp16) accesses. x + i0 addresses lane 0.
+// signs_k / signs_n: the block's sign nibbles of eps_k / eps_{k+1} (read only with kRestoreSigns /
+// kAheadSigns).
 template <typename S, typename B, unsigned kFlags>
 __device__ __forceinline__ void step_block(S* p, const S* g, B* buf, float* master, int64_t i0, uint32_t blk_lo,
                                            uint32_t blk_hi, bool vec, int lo, int hi, const Stream& s_eps,
-                                           const Stream& s_xi, const Stream& s_next, const StepCoeffs<float>& c) {
+                                           const Stream& s_xi, const Stream& s_next, uint32_t signs_k,
+                                           uint32_t signs_n, const StepCoeffs<float>& c) {
   constexpr bool restore = kFlags & kRestore, noise = kFlags & kNoise, ahead = kFlags & kAhead;
   constexpr bool momentum = kFlags & kMomentum, has_master = kFlags & kMaster;
   static_assert(!(restore && has_master), "the master is never perturbed: nothing to restore");
-  float e_k[4] = {}, xi[4] = {}, e_n[4] = {};
-  if (restore) normal4(s_eps, blk_lo, blk_hi, e_k);
+  float d_k[4] = {}, xi[4] = {}, d_n[4] = {};  // sigma_k eps_k, xi, sigma_{k+1} eps_{k+1}
+  if (restore) perturbation4<(kFlags & kRestoreSigns) != 0>(s_eps, blk_lo, blk_hi, signs_k, c.restore_sigma, d_k);
   if (noise) normal4(s_xi, blk_lo, blk_hi, xi);
-  if (ahead) normal4(s_next, blk_lo, blk_hi, e_n);
+  if (ahead) perturbation4<(kFlags & kAheadSigns) != 0>(s_next, blk_lo, blk_hi, signs_n, c.perturb_sigma, d_n);
   const Vec4<S> gv = load4(g + i0, vec, lo, hi);
   Vec4<float> mv{};
   Vec4<S> pv{};
@@ -124,10 +170,10 @@ __device__ __forceinline__ void step_block(S* p, const S* g, B* buf, float* mast
 #pragma unroll
   for (int l = 0; l < 4; ++l) {
     float theta = has_master ? mv.v[l] : to_f(pv.v[l]);
-    if (restore) theta = theta - c.restore_sigma * e_k[l];
+    if (restore) theta = theta - d_k[l];
     theta = sgld_update<float, B>(theta, to_f(gv.v[l]), &bv.v[l], xi[l], c);
     mv.v[l] = theta;
-    if (ahead) theta = theta + c.perturb_sigma * e_n[l];
+    if (ahead) theta = theta + d_n[l];
     out.v[l] = static_cast<S>(theta);
   }
   store4(p + i0, out, vec, lo, hi);
@@ -160,18 +206,28 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const __grid_const
   // blocks is inside the tensor and the block index's high word is the same across the chunk, so
   // the loop needs no bounds checks and 32-bit indices from per-thread base pointers (sm_90 SASS:
   // about 5 instructions per element fewer).
+  // With signs, also a 128-aligned chunk start (the lane map of warp_sign_word).
+  constexpr bool restore_signs = kFlags & kRestoreSigns, ahead_signs = kFlags & kAheadSigns;
   if (tab.aligned[t] && chunk_first + kChunkBlocks - 1 < last_blk + ((off + n) % 4 == 0) &&
-      (uint32_t)chunk_first <= 0xFFFFFFFFu - (uint32_t)(kChunkBlocks - 1)) {
+      (uint32_t)chunk_first <= 0xFFFFFFFFu - (uint32_t)(kChunkBlocks - 1) &&
+      (!(restore_signs || ahead_signs) || (chunk_first & 31) == 0)) {
     const int64_t base = chunk_first * 4 - off + 4 * (int64_t)threadIdx.x;  // >= 0: aligned means off % 4 == 0
     const uint32_t blk_lo = (uint32_t)chunk_first + threadIdx.x, blk_hi = (uint32_t)(chunk_first >> 32);
     S* pt = p + base;
     const S* gt = g + base;
     B* bt = (kFlags & kMomentum) ? buf + base : buf;
     float* mt = (kFlags & kMaster) ? master + base : master;
+    const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    const uint64_t r0 = (uint64_t)chunk_first >> 5;
+    const uint32_t mine_k = restore_signs ? lane_sign_word(s_eps, r0, lane, warp) : 0u;
+    const uint32_t mine_n = ahead_signs ? lane_sign_word(s_next, r0, lane, warp) : 0u;
 #pragma unroll
     for (int it = 0; it < kBlocksPerThread; ++it) {
+      const uint64_t blk = (uint64_t)chunk_first + (uint64_t)(it * kThreads) + threadIdx.x;
+      const uint32_t signs_k = restore_signs ? sign_nibble(warp_sign_word(mine_k, s_eps, r0, lane, warp, it), blk) : 0u;
+      const uint32_t signs_n = ahead_signs ? sign_nibble(warp_sign_word(mine_n, s_next, r0, lane, warp, it), blk) : 0u;
       step_block<S, B, kFlags>(pt, gt, bt, mt, (int64_t)(4 * kThreads * it), blk_lo + (uint32_t)(it * kThreads),
-                               blk_hi, true, 0, 4, s_eps, s_xi, s_next, c);
+                               blk_hi, true, 0, 4, s_eps, s_xi, s_next, signs_k, signs_n, c);
     }
     return;
   }
@@ -181,13 +237,15 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const __grid_const
     if (blk > last_blk) break;
     const int64_t i0 = blk * 4 - off;  // local index of lane 0 (negative for a shard's first block)
     const int lo = i0 < 0 ? (int)-i0 : 0, hi = i0 + 4 > n ? (int)(n - i0) : 4;
+    const uint32_t signs_k = restore_signs ? sign_nibble(s_eps, (uint64_t)blk) : 0u;
+    const uint32_t signs_n = ahead_signs ? sign_nibble(s_next, (uint64_t)blk) : 0u;
     step_block<S, B, kFlags>(p, g, buf, master, i0, (uint32_t)blk, (uint32_t)((uint64_t)blk >> 32),
-                             tab.aligned[t] && lo == 0 && hi == 4, lo, hi, s_eps, s_xi, s_next, c);
+                             tab.aligned[t] && lo == 0 && hi == 4, lo, hi, s_eps, s_xi, s_next, signs_k, signs_n, c);
   }
 }
 
-// perturb_: p = (master or p) + sigma * eps_step.
-template <typename S>
+// perturb_: p = (master or p) + sigma * eps_step; eps Gaussian, or signs with kSigns (SPEC 2b).
+template <typename S, bool kSigns>
 __global__ void __launch_bounds__(kThreads) perturb_kernel(const __grid_constant__ TensorTable tab, const Scalars sc) {
   const int t = tab.chunk_tensor[blockIdx.x];
   const int64_t n = tab.numel[t], off = tab.offset[t];
@@ -200,8 +258,9 @@ __global__ void __launch_bounds__(kThreads) perturb_kernel(const __grid_constant
   for (int it = 0; it < kBlocksPerThread; ++it) {
     const int64_t blk = chunk_first + (int64_t)it * kThreads + threadIdx.x;
     if (blk > last_blk) break;
-    float e[4];
-    normal4(st, (uint64_t)blk, e);
+    float d[4];  // sigma * eps
+    perturbation4<kSigns>(st, (uint32_t)blk, (uint32_t)((uint64_t)blk >> 32),
+                          kSigns ? sign_nibble(st, (uint64_t)blk) : 0u, sc.sigma, d);
     const int64_t i0 = blk * 4 - off;
     const int lo = i0 < 0 ? (int)-i0 : 0, hi = i0 + 4 > n ? (int)(n - i0) : 4;
     const bool vec = tab.aligned[t] && lo == 0 && hi == 4;
@@ -215,7 +274,7 @@ __global__ void __launch_bounds__(kThreads) perturb_kernel(const __grid_constant
 #pragma unroll
     for (int l = 0; l < 4; ++l) {
       const float clean = sc.has_master ? mv.v[l] : to_f(pv.v[l]);
-      pv.v[l] = static_cast<S>(clean + sc.sigma * e[l]);
+      pv.v[l] = static_cast<S>(clean + d[l]);
     }
     store4(p + i0, pv, vec, lo, hi);
   }
@@ -291,12 +350,14 @@ void multi_tensor_apply(at::TensorList params, at::TensorList grads, at::TensorL
 // masters the momentum buffer is fp32, else it is S).
 template <typename S, unsigned kFlags = 0, typename Fn>
 void dispatch_step_flags(unsigned flags, const Fn& fn) {
-  if constexpr (kFlags == 32) {
+  if constexpr (kFlags == kAllFlags) {
     TORCH_CHECK(false, "fsgld: unexpected step flags ", flags);
   } else if (flags != kFlags) {
     dispatch_step_flags<S, kFlags + 1>(flags, fn);
-  } else if constexpr ((kFlags & kRestore) && (kFlags & kMaster)) {
-    TORCH_CHECK(false, "fsgld: restore with masters");  // the master is never perturbed
+  } else if constexpr (((kFlags & kRestore) && (kFlags & kMaster)) || ((kFlags & kRestoreSigns) && !(kFlags & kRestore)) ||
+                       ((kFlags & kAheadSigns) && !(kFlags & kAhead))) {
+    // the master is never perturbed; a sign bit only qualifies a perturbation that is there
+    TORCH_CHECK(false, "fsgld: invalid step flags ", flags);
   } else {
     using B = std::conditional_t<(kFlags & kMaster) != 0, float, S>;
     fn(fused_step_kernel<S, B, kFlags>);
@@ -311,15 +372,18 @@ void fused_step_host(at::TensorList params, at::TensorList grads, at::TensorList
                      int64_t step, double lr, double weight_decay, double momentum, double noise_std,
                      double restore_sigma, double perturb_sigma, const std::optional<at::Tensor>& grad_scale,
                      const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& step_t,
-                     const std::optional<at::Tensor>& lr_t, const Launch& launch) {
+                     const std::optional<at::Tensor>& lr_t, bool restore_signs, bool ahead_signs,
+                     const Launch& launch) {
   TORCH_CHECK(params[0].scalar_type() != at::kDouble, "fsgld: the cuda backend takes fp32/bf16/fp16 params");
   Scalars sc{seed_bits(seed), step, (float)lr, (float)weight_decay, (float)momentum, (float)noise_std,
              (float)restore_sigma, (float)perturb_sigma, 0.0f,
              grad_scale ? grad_scale->data_ptr<float>() : nullptr, found_inf ? found_inf->data_ptr<float>() : nullptr,
              step_t ? step_t->data_ptr<int64_t>() : nullptr, lr_t ? lr_t->data_ptr<float>() : nullptr,
              restore_sigma != 0.0, noise_std != 0.0, perturb_sigma != 0.0, momentum != 0.0, !masters.empty()};
-  const unsigned flags = (sc.restore && !sc.has_master ? kRestore : 0u) | (sc.noise ? kNoise : 0u) |
-                         (sc.ahead ? kAhead : 0u) | (sc.has_momentum ? kMomentum : 0u) | (sc.has_master ? kMaster : 0u);
+  const bool restore = sc.restore && !sc.has_master;
+  const unsigned flags = (restore ? kRestore : 0u) | (sc.noise ? kNoise : 0u) | (sc.ahead ? kAhead : 0u) |
+                         (sc.has_momentum ? kMomentum : 0u) | (sc.has_master ? kMaster : 0u) |
+                         (restore && restore_signs ? kRestoreSigns : 0u) | (sc.ahead && ahead_signs ? kAheadSigns : 0u);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "fsgld::fused_step_", [&] {
     using S = scalar_t;
     if constexpr (!std::is_same_v<S, double>) {  // refused above; not instantiated
@@ -333,7 +397,7 @@ void fused_step_host(at::TensorList params, at::TensorList grads, at::TensorList
 
 template <typename Launch>
 void perturb_host(at::TensorList params, at::TensorList masters, at::IntArrayRef param_ids, at::IntArrayRef offsets,
-                  int64_t seed, int64_t step, double sigma, const std::optional<at::Tensor>& step_t,
+                  int64_t seed, int64_t step, double sigma, const std::optional<at::Tensor>& step_t, bool signs,
                   const Launch& launch) {
   TORCH_CHECK(params[0].scalar_type() != at::kDouble, "fsgld: the cuda backend takes fp32/bf16/fp16 params");
   Scalars sc{};
@@ -341,7 +405,11 @@ void perturb_host(at::TensorList params, at::TensorList masters, at::IntArrayRef
   sc.step_t = step_t ? step_t->data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "fsgld::perturb_", [&] {
     multi_tensor_apply(params, {}, {}, masters, param_ids, offsets, [&](const TensorTable& tab, int nchunks) {
-      launch(perturb_kernel<scalar_t>, tab, nchunks, sc);
+      if (signs) {
+        launch(perturb_kernel<scalar_t, true>, tab, nchunks, sc);
+      } else {
+        launch(perturb_kernel<scalar_t, false>, tab, nchunks, sc);
+      }
     });
   });
 }

@@ -189,6 +189,35 @@ FSGLD_HD void normal4(const Stream& st, uint64_t block, float out[4]) {
   normal4(st, (uint32_t)block, (uint32_t)(block >> 32), out);
 }
 
+// ---- SPEC 2b: Rademacher signs ----------------------------------------------------------------
+// One Philox call (kind eps) serves 128 elements: element i is bit i % 32 of word (i % 128) / 32
+// of Rademacher block i / 128. In the kernels' layout of Philox blocks of four elements ("Gaussian
+// blocks" blk), blk's four signs are bits 4 (blk & 7) .. 4 (blk & 7) + 3 of word (blk & 31) >> 3 of
+// Rademacher block blk >> 5: a Gaussian block never straddles two Rademacher blocks.
+
+// The four Philox words of Rademacher block `rblock` of a stream (kind eps).
+FSGLD_HD void rademacher_words(const Stream& st, uint64_t rblock, uint32_t w[4]) {
+  w[0] = (uint32_t)rblock, w[1] = (uint32_t)(rblock >> 32), w[2] = st.step, w[3] = st.tag;
+  philox4x32_10(w[0], w[1], w[2], w[3], st.k0, st.k1);
+}
+
+// The signs of Gaussian block `blk` in bits 0..3 (bit l: element 4 blk + l; set means +1).
+FSGLD_HD uint32_t sign_nibble(uint32_t word, uint64_t blk) { return word >> (4 * (uint32_t)(blk & 7)); }
+
+FSGLD_HD uint32_t sign_nibble(const Stream& st, uint64_t blk) {
+  uint32_t w[4];
+  rademacher_words(st, blk >> 5, w);
+  const uint32_t k = (uint32_t)(blk & 31) >> 3;
+  return sign_nibble(k == 0 ? w[0] : k == 1 ? w[1] : k == 2 ? w[2] : w[3], blk);
+}
+
+// sigma * eps for the sign in bit `l` of `nibble`: sigma itself or -sigma, exactly as the product
+// with +-1.0 rounds, in one logic op (the sign bit flipped where the bit is clear) instead of a
+// conversion and a multiply.
+FSGLD_HD float signed_sigma(float sigma, uint32_t nibble, int l) {
+  return bits_to_float(float_to_bits(sigma) ^ (~(nibble << (31 - l)) & 0x80000000u));
+}
+
 // ---- SPEC section 3, one element -------------------------------------------------------------
 // T is the math type: float (double for float64 params). Zero coefficients are skipped so the
 // result equals the reference's, which also skips them.

@@ -7,21 +7,23 @@ namespace fsgld {
 namespace schema {
 
 // params += sigma * eps_step (SPEC 2, kind 0); with masters: params = round(masters + sigma*eps).
-// A negative sigma restores. `seed` is the 64-bit seed's two's-complement bits.
+// A negative sigma restores. `seed` is the 64-bit seed's two's-complement bits. rademacher: eps
+// is random signs (SPEC 2b).
 constexpr const char* kPerturb =
     "perturb_(Tensor(a!)[] params, Tensor[] masters, int[] param_ids, int[] offsets, int seed, int step, "
-    "float sigma, Tensor? step_t=None) -> ()";
+    "float sigma, Tensor? step_t=None, bool rademacher=False) -> ()";
 
 // SPEC 3 over the list: restore (restore_sigma, eps_step), SGLD update (xi_step), perturb
 // ahead (perturb_sigma, eps_{step+1}). Nothing changes if found_inf is nonzero.
 // Capturable form (CUDA graphs): step_t (int64) replaces `step`, lr_t (float32) replaces `lr`,
 // and the Langevin std is then noise_std * sqrt(lr_t) (pass noise_std = sqrt(2 / beta)). The
-// kernels only read them: the caller advances step_t on the device.
+// kernels only read them: the caller advances step_t on the device. restore_rademacher /
+// perturb_rademacher: eps_step / eps_{step+1} are random signs (SPEC 2b); xi is always Gaussian.
 constexpr const char* kFusedStep =
     "fused_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] masters, "
     "int[] param_ids, int[] offsets, int seed, int step, float lr, float weight_decay, float momentum, "
     "float noise_std, float restore_sigma, float perturb_sigma, Tensor? grad_scale, Tensor? found_inf, "
-    "Tensor? step_t=None, Tensor? lr_t=None) -> ()";
+    "Tensor? step_t=None, Tensor? lr_t=None, bool restore_rademacher=False, bool perturb_rademacher=False) -> ()";
 
 // Normals of one stream for the elements offset .. offset+out.numel()-1 (tests and benchmarks).
 constexpr const char* kNormals = "normals_(Tensor(a!) out, int seed, int param_id, int step, int kind, int offset) -> ()";

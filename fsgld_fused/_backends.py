@@ -36,59 +36,6 @@ class Backend:
         return device.type in self.device_types and dtype in self.dtypes
 
 
-class RademacherComposed:
-    """A kernel backend's ops, plus SPEC 2b's Rademacher perturbation composed from that backend's
-    own Philox words (`philox_words`) and torch ops: exact signs, but passes of their own over the
-    weights before and after the fused step, where a Gaussian perturbation is fused into it. The
-    kernels do not draw signs themselves yet; until they do, this is where Rademacher runs.
-    Same signatures as `fsgld_fused.reference`."""
-
-    def __init__(self, ops: Any):
-        self.raw = ops
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.raw, name)
-
-    def _signs(self, p: torch.Tensor, seed: int, pid: int, step: int, offset: int) -> torch.Tensor:
-        from .reference import signs_from_words
-
-        first, last = offset // 128, (offset + p.numel() - 1) // 128
-        words = self.raw.philox_words(seed, pid, step, 0, first, last - first + 1, device=p.device)
-        return signs_from_words(words, offset - 128 * first, p.numel()).view(p.shape)
-
-    def perturb_(self, params, param_ids, seed, step, sigma, offsets=None, masters=(), step_t=None, rademacher=False):
-        if not rademacher:
-            return self.raw.perturb_(params, param_ids, seed, step, sigma, offsets, masters, step_t)
-        step = step if step_t is None else int(step_t)
-        offsets = [0] * len(params) if offsets is None else offsets
-        for i, (p, pid, off) in enumerate(zip(params, param_ids, offsets)):
-            if p.numel():
-                clean = masters[i] if masters else p.to(torch.float64 if p.dtype == torch.float64 else torch.float32)
-                p.copy_(clean + sigma * self._signs(p, seed, pid, step, off).to(clean.dtype))  # the reference's math
-
-    def restore_(self, params, param_ids, seed, step, sigma, offsets=None, masters=(), step_t=None, rademacher=False):
-        if masters or not rademacher:
-            return self.raw.restore_(params, param_ids, seed, step, sigma, offsets, masters, step_t)
-        self.perturb_(params, param_ids, seed, step, -sigma, offsets, step_t=step_t, rademacher=True)
-
-    def fused_step_(self, params, grads, momentum_buffers, param_ids, seed, step, lr, weight_decay, momentum,
-                    noise_std, restore_sigma, perturb_sigma, offsets=None, masters=(), grad_scale=None,
-                    found_inf=None, step_t=None, lr_t=None, restore_rademacher=False, perturb_rademacher=False):
-        if restore_rademacher or perturb_rademacher:
-            if found_inf is not None and float(found_inf) != 0.0:
-                return  # AMP overflow: nothing changes (a host sync: capturable refuses Rademacher)
-            k = step if step_t is None else int(step_t)
-            if restore_rademacher and restore_sigma != 0.0 and not masters:
-                self.restore_(params, param_ids, seed, k, restore_sigma, offsets, rademacher=True)
-            restore_sigma = 0.0 if restore_rademacher else restore_sigma
-        ahead = perturb_sigma if perturb_rademacher else 0.0
-        self.raw.fused_step_(params, grads, momentum_buffers, param_ids, seed, step, lr, weight_decay, momentum,
-                             noise_std, restore_sigma, 0.0 if perturb_rademacher else perturb_sigma, offsets,
-                             masters, grad_scale, found_inf, step_t, lr_t)
-        if ahead != 0.0:
-            self.perturb_(params, param_ids, seed, k + 1, ahead, offsets, masters, rademacher=True)
-
-
 def _load_reference() -> Backend:
     from . import reference
 
@@ -99,7 +46,7 @@ def _load_cpu() -> Backend:
     from . import _ops
 
     _ops.require_extension()
-    return Backend("cpu", RademacherComposed(_ops.cpu_ops), ("cpu",), FLOAT_DTYPES)
+    return Backend("cpu", _ops.cpu_ops, ("cpu",), FLOAT_DTYPES)
 
 
 def _load_cuda() -> Backend:
@@ -108,7 +55,7 @@ def _load_cuda() -> Backend:
     _ops.require_extension(cuda=True)
     if not torch.cuda.is_available():
         raise RuntimeError("no CUDA device is visible to torch")
-    return Backend("cuda", RademacherComposed(_ops.cuda_ops), ("cuda",), KERNEL_DTYPES)
+    return Backend("cuda", _ops.cuda_ops, ("cuda",), KERNEL_DTYPES)
 
 
 def _load_triton() -> Backend:
@@ -120,7 +67,7 @@ def _load_triton() -> Backend:
     except ImportError as exc:  # triton missing, or a kernels/ import error
         raise RuntimeError(f"the Triton kernels could not be imported ({exc})") from exc
     devices = ("cuda", "cpu") if interpret else ("cuda",)
-    return Backend("triton", RademacherComposed(triton_ops), devices, KERNEL_DTYPES)
+    return Backend("triton", triton_ops, devices, KERNEL_DTYPES)
 
 
 _LOADERS: dict[str, Callable[[], Backend]] = {

@@ -95,9 +95,6 @@ def _check_hparams(group: dict[str, Any], capturable: bool = False) -> None:
         raise ValueError(f"antithetic must be a bool, got {group['antithetic']!r}")
     if group["antithetic"] and n_pert != 2:
         raise ValueError(f"antithetic=True evaluates the pair +eps, -eps: it needs n_pert=2, got n_pert={n_pert}")
-    if capturable and group["perturbation"] == "rademacher":
-        raise ValueError("capturable=True with perturbation='rademacher' is not supported yet: the Rademacher "
-                         "perturbation is not fused into the kernels (use the Gaussian one under CUDA graphs)")
     for key in ("foreach", "fused"):
         if group[key] not in (None, False, True):
             raise ValueError(f"{key} must be None, False or True, got {group[key]!r}")

@@ -296,7 +296,8 @@ def nvcc_flags(root: str) -> list[str]:
                 if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "NVCC_FLAGS")
 
 
-_FLAG_BITS = {"restore": 1, "noise": 2, "ahead": 4, "momentum": 8, "master": 16, "rademacher": 32}  # StepFlags (.cuh)
+_FLAG_BITS = {"restore": 1, "noise": 2, "ahead": 4, "momentum": 8, "master": 16}  # StepFlags in the .cuh
+_SIGN_BITS = {"restore": 32, "ahead": 64}  # kRestoreSigns, kAheadSigns: that perturbation is Rademacher
 
 
 def _cuda_type(v: Variant) -> tuple[str, str]:
@@ -305,7 +306,8 @@ def _cuda_type(v: Variant) -> tuple[str, str]:
 
 
 def _flags(v: Variant) -> int:
-    return sum(bit for name, bit in _FLAG_BITS.items() if getattr(v, name, False))
+    signs = sum(bit for name, bit in _SIGN_BITS.items() if v.rademacher and getattr(v, name))
+    return signs + sum(bit for name, bit in _FLAG_BITS.items() if getattr(v, name, False))
 
 
 def compile_cuda(root: str, workdir: str, variants=VARIANTS, arch: int = 90) -> str:

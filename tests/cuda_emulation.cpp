@@ -61,20 +61,22 @@ void fused_step_emu(at::TensorList params, at::TensorList grads, at::TensorList 
                     int64_t step, double lr, double weight_decay, double momentum, double noise_std,
                     double restore_sigma, double perturb_sigma, const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& step_t,
-                    const std::optional<at::Tensor>& lr_t) {
+                    const std::optional<at::Tensor>& lr_t, bool restore_rademacher, bool perturb_rademacher) {
   check_fused_step(c10::DeviceType::CPU, params, grads, momentum_buffers, masters, param_ids, offsets, momentum,
                    grad_scale, found_inf, step_t, lr_t);
   if (params.empty()) return;
   fused_step_host(params, grads, momentum_buffers, masters, param_ids, offsets, seed, step, lr, weight_decay, momentum,
-                  noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, step_t, lr_t, CpuLaunch{});
+                  noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, step_t, lr_t, restore_rademacher, perturb_rademacher,
+                  CpuLaunch{});
 }
 
 void perturb_emu(at::TensorList params, at::TensorList masters, at::IntArrayRef param_ids, at::IntArrayRef offsets,
-                 int64_t seed, int64_t step, double sigma, const std::optional<at::Tensor>& step_t) {
+                 int64_t seed, int64_t step, double sigma, const std::optional<at::Tensor>& step_t,
+                  bool rademacher) {
   check_lists(c10::DeviceType::CPU, params, {}, {}, masters, param_ids, offsets);
   if (params.empty()) return;
   check_step_tensor(step_t, params[0].device());
-  perturb_host(params, masters, param_ids, offsets, seed, step, sigma, step_t, CpuLaunch{});
+  perturb_host(params, masters, param_ids, offsets, seed, step, sigma, step_t, rademacher, CpuLaunch{});
 }
 
 void normals_emu(at::Tensor out, int64_t seed, int64_t param_id, int64_t step, int64_t kind, int64_t offset) {

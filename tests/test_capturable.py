@@ -23,8 +23,9 @@ def _pair(backend, lr_tensor=False, **kw):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("lr_tensor", [False, True])
-def test_capturable_follows_the_host_counter_run(backend, lr_tensor):
-    a, b, o_cap, o_ref = _pair(backend, lr_tensor, momentum=0.5)
+@pytest.mark.parametrize("perturbation", ["gaussian", "rademacher"])
+def test_capturable_follows_the_host_counter_run(backend, lr_tensor, perturbation):
+    a, b, o_cap, o_ref = _pair(backend, lr_tensor, momentum=0.5, perturbation=perturbation)
     for k in range(4):
         for p, q in zip(a, b):
             g = torch.randn(p.shape)

@@ -126,6 +126,65 @@ def test_every_path_with_offsets_masters_weight_decay_momentum_scale(emu, case):
     _op_paths.check_case(emu, *case)
 
 
+# Rademacher (SPEC 2b): the interior path draws one Philox call per thread and hands the words
+# around the warp (emulated by recomputing the source lane's word); chunks whose first element is
+# not 128-aligned, tails and shards take the per-block path. Sizes span several 4096-element chunks.
+RAD_SIZES = [3 * 4096 + 5, 2 * 4096, 4096 + 130, 70, 8192]
+RAD_OFFSETS = [0, 128 * 2**32 - 4096, 4, 4 * (2**32 - 1024), 4101]  # 128-aligned, 2**32 carry, 4 mod 128, ...
+
+
+@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, False), (torch.float16, False),
+                                          (torch.bfloat16, True)], ids=["fp32", "bf16", "fp16", "bf16-masters"])
+@pytest.mark.parametrize("kinds", [(True, True), (False, True), (True, False)], ids=["r->r", "g->r", "r->g"])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_rademacher_fused_step_exact_on_every_path(emu, dtype, master, kinds, momentum):
+    """Without Langevin noise the step is exact arithmetic on exact signs: `==` with the reference
+    (a Gaussian side of a mixed step is compared within the SPEC tolerance). With noise, the same
+    kernels within the SPEC tolerance."""
+    gen = torch.Generator().manual_seed(3)
+    masters = [torch.randn(n, generator=gen) for n in RAD_SIZES] if master else []
+    params = [m.to(dtype) for m in masters] if master else [torch.randn(n, generator=gen).to(dtype) for n in RAD_SIZES]
+    grads = [torch.randn(n, generator=gen).to(dtype) for n in RAD_SIZES]
+    bufs = [torch.zeros(n, dtype=torch.float32 if master else dtype) for n in RAD_SIZES] if momentum else []
+    copies = lambda xs: [x.clone() for x in xs]  # noqa: E731
+    ref_p, ref_m, ref_b = copies(params), copies(masters), copies(bufs)
+    ids = [1, 4, 0, 2, 3]
+    for step, noise in ((5, 0.0), (6, 1e-3)):
+        args = (ids, 0xFEEDFACECAFEBEEF, step, 1e-2, 1e-3, momentum, noise, 0.0 if master else 0.05, 0.05)
+        kw = dict(offsets=RAD_OFFSETS, restore_rademacher=kinds[0], perturb_rademacher=kinds[1])
+        emu.fused_step_(params, grads, bufs, *args, masters=masters, **kw)
+        R.fused_step_(ref_p, grads, ref_b, *args, masters=ref_m, **kw)
+        exact = noise == 0.0 and (all(kinds) or master and kinds[1])
+        for a, b in zip(params + masters + bufs, ref_p + ref_m + ref_b):
+            if exact:
+                assert torch.equal(a, b)
+            else:
+                assert_step_close(a, b, 0.1 + noise)
+        for a, b in zip(params + masters + bufs, ref_p + ref_m + ref_b):
+            a.copy_(b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rademacher_perturb_restore_and_step_t_exact(emu, dtype):
+    params = [torch.randn(n).to(dtype) for n in RAD_SIZES]
+    ref = [p.clone() for p in params]
+    ids = list(range(len(RAD_SIZES)))
+    step_t = torch.tensor(9, dtype=torch.int64)
+    emu.perturb_(params, ids, 42, 0, 0.25, offsets=RAD_OFFSETS, step_t=step_t, rademacher=True)
+    R.perturb_(ref, ids, 42, 9, 0.25, offsets=RAD_OFFSETS, rademacher=True)
+    assert all(torch.equal(a, b) for a, b in zip(params, ref))
+    sub = [o + R.substream_offset(3, True) for o in RAD_OFFSETS]  # n_pert's sub-stream 3
+    emu.restore_(params, ids, 42, 9, 0.25, offsets=sub, rademacher=True)
+    R.restore_(ref, ids, 42, 9, 0.25, offsets=sub, rademacher=True)
+    assert all(torch.equal(a, b) for a, b in zip(params, ref))
+    grads = [torch.randn(n).to(dtype) for n in RAD_SIZES]
+    emu.fused_step_(params, grads, [], ids, 42, 0, 0.1, 0.0, 0.0, 0.0, 0.25, 0.5, offsets=RAD_OFFSETS,
+                    step_t=step_t, restore_rademacher=True, perturb_rademacher=True)
+    R.fused_step_(ref, grads, [], ids, 42, 9, 0.1, 0.0, 0.0, 0.0, 0.25, 0.5, offsets=RAD_OFFSETS,
+                  restore_rademacher=True, perturb_rademacher=True)
+    assert all(torch.equal(a, b) for a, b in zip(params, ref))
+
+
 def test_misaligned_storage_takes_the_scalar_path(emu):
     # data_ptr one element past a 16-byte boundary: the kernels may not use vector access
     base = torch.randn(4 * 4096 + 9)

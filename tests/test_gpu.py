@@ -113,7 +113,29 @@ def test_optimizer_on_gpu_matches_cpu_reference(backend):
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_cuda_graph_replay_draws_fresh_noise_and_matches_eager(backend):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rademacher_signs_exact_on_gpu(backend, dtype):
+    """SPEC 2b on hardware (CUDA's interior path hands sign words around the warp with shuffles):
+    perturb_ and a step without Langevin noise are exact arithmetic on exact signs, so `==`."""
+    ext = ops(backend, dtype)
+    sizes, offsets, ids = [3 * 4096 + 5, 1 << 20, 4096 + 130, 70], [0, 128 * 2**32 - 4096, 4, 4101], [3, 0, 2, 1]
+    gen = torch.Generator().manual_seed(1)
+    params = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+    grads = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+    gpu = [p.cuda() for p in params]
+    ext.perturb_(gpu, ids, 2**64 - 9, 7, 0.25, offsets=offsets, rademacher=True)
+    R.perturb_(params, ids, 2**64 - 9, 7, 0.25, offsets=offsets, rademacher=True)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(gpu, params))
+    args = (ids, 2**64 - 9, 7, 1e-2, 1e-3, 0.0, 0.0, 0.25, 0.125)
+    ext.fused_step_(gpu, [g.cuda() for g in grads], [], *args, offsets=offsets, restore_rademacher=True,
+                    perturb_rademacher=True)
+    R.fused_step_(params, grads, [], *args, offsets=offsets, restore_rademacher=True, perturb_rademacher=True)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(gpu, params))
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("perturbation", ["gaussian", "rademacher"])
+def test_cuda_graph_replay_draws_fresh_noise_and_matches_eager(backend, perturbation):
     ops(backend)
     torch.manual_seed(0)
     model = torch.nn.Linear(256, 256).cuda()
@@ -121,8 +143,9 @@ def test_cuda_graph_replay_draws_fresh_noise_and_matches_eager(backend):
     ref.load_state_dict(model.state_dict())
     x = torch.randn(64, 256, device="cuda")
     opt = FSGLD(model.parameters(), lr=torch.tensor([1e-2], device="cuda"), beta=1e4, sigma=0.01, seed=1,
-                backend=backend, capturable=True, nonfinite="ignore")
-    opt_ref = FSGLD(ref.parameters(), lr=1e-2, beta=1e4, sigma=0.01, seed=1, backend=backend)
+                backend=backend, capturable=True, nonfinite="ignore", perturbation=perturbation)
+    opt_ref = FSGLD(ref.parameters(), lr=1e-2, beta=1e4, sigma=0.01, seed=1, backend=backend,
+                    perturbation=perturbation)
 
     def train_step(m, o):
         o.zero_grad(set_to_none=True)
