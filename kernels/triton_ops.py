@@ -59,24 +59,19 @@ def _key(seed):
 
 @triton.jit
 def _minus_two_log_u(w):
-    """-2 ln(u(w)): Cephes logf, integer reduction, 2**-24 and -2 folded in (fsgld_math.h)."""
+    """-2 ln(u(w)): integer reduction, 2**-24 folded into the exponent, ln(1 + m) = m Q(m) with Q of
+    degree 6 (fsgld_math.h: the same constants, the same error)."""
     ix = ((w >> 8) | 1).to(tl.int32).to(tl.float32).to(tl.uint32, bitcast=True)
     tmp = ix - (0x3F3504F3 + (24 << 23))
     fe = (tmp.to(tl.int32, bitcast=True) >> 23).to(tl.float32)
     m = (ix - (tmp & 0xFF800000) - (24 << 23)).to(tl.float32, bitcast=True) - 1.0
-    z = m * m
-    y = tl.fma(tl.full(m.shape, -2.0 * 7.0376836292e-2, tl.float32), m, -2.0 * -1.1514610310e-1)
-    y = tl.fma(y, m, -2.0 * 1.1676998740e-1)
-    y = tl.fma(y, m, -2.0 * -1.2420140846e-1)
-    y = tl.fma(y, m, -2.0 * 1.4249322787e-1)
-    y = tl.fma(y, m, -2.0 * -1.6668057665e-1)
-    y = tl.fma(y, m, -2.0 * 2.0000714765e-1)
-    y = tl.fma(y, m, -2.0 * -2.4999993993e-1)
-    y = tl.fma(y, m, -2.0 * 3.3333331174e-1)
-    y = y * m * z
-    y = tl.fma(fe, -2.0 * -2.12194440e-4, y)
-    y = y + z
-    return tl.fma(fe, -2.0 * 0.693359375, tl.fma(m, -2.0, y))
+    q = tl.fma(tl.full(m.shape, -2.0 * 0.11895957589149475, tl.float32), m, -2.0 * -0.1866779923439026)
+    q = tl.fma(q, m, -2.0 * 0.20496349036693573)
+    q = tl.fma(q, m, -2.0 * -0.24909751117229462)
+    q = tl.fma(q, m, -2.0 * 0.3331450819969177)
+    q = tl.fma(q, m, -2.0 * -0.500011146068573)
+    q = tl.fma(q, m, -2.0 * 1.0000009536743164)
+    return tl.fma(fe, -2.0 * 0.693147180559945309, m * q)
 
 
 @triton.jit

@@ -54,8 +54,9 @@ def test_cpp_header_every_input(build, tmp_path):
     out = [np.empty(N, np.float32) for _ in range(4)]
     ctypes.CDLL(str(lib)).fsgld_sweep(*[ctypes.c_void_p(x.ctypes.data) for x in out])
     minus_two_log, r, s, c = out
-    # the log to about 1 ulp, the sqrt correctly rounded, sin/cos within 1 ulp of 1
-    assert (np.abs(minus_two_log - R64**2) / R64**2).max() < 2.0**-23
+    # the log within 1.3e-6 relative (the degree-6 polynomial), the sqrt correctly rounded,
+    # sin/cos within 1 ulp of 1
+    assert (np.abs(minus_two_log - R64**2) / R64**2).max() < 2.0**-19
     assert np.array_equal(r, np.sqrt(minus_two_log))
     bound, err_r, err_t = normal_error_bound(r, s, c)
     print(f"{build}: max |r - r64| {err_r:.3g}, max sin/cos error {err_t:.3g}, normal bound {bound:.3g}"
