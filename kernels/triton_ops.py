@@ -136,10 +136,8 @@ def _normals(seed, blk, step, tag):
 
 
 # ---- SPEC 2b's signs: one Philox per 128 elements, one bit per element ---------------------------
-# A thread draws the words of its own rows' Rademacher block, no exchange between threads (fp32 full
-# step on sm_90, BLOCK 256 / 1024: 79.6 / 62.3 instructions per element; a [BLOCK // 32] Philox
-# broadcast to rows in memory order through a layout conversion: 80.5 / 65.0; either one with a
-# branch to a per-row Philox for chunks not starting at a Rademacher block: 8 more).
+# Each thread draws its own rows' block (fp32 full step, sm_90, BLOCK 256/1024: 79.6/62.3 per element;
+# a [BLOCK // 32] Philox broadcast to rows in memory order: 80.5/65.0; a per-row Philox branch: +7).
 @triton.jit
 def _sign_rows(BLOCK: tl.constexpr):
     """The row (Philox block of 4 elements, from the program's first) that each of the [BLOCK]
@@ -172,7 +170,7 @@ def _sigma_signs(sigma, seed, blk0, step, tag, BLOCK: tl.constexpr):
     block i // 32. Exact: sigma * (+-1) is sigma with its sign bit flipped or not."""
     b = tl.arange(0, BLOCK // 4)
     w0, w1, w2, w3 = _stream_words(seed, (blk0 >> 5) + (b // 8).to(tl.int64), step, tag)
-    a = tl.arange(0, 4)[:, None]  # tensor row (a, b) takes word a: registers, no selects
+    a = tl.arange(0, 4)[:, None]  # tensor row (a, b) takes word a; where a lies in registers the selects fold
     word = tl.where(a < 2, tl.where(a == 0, w0[None, :], w1[None, :]), tl.where(a == 2, w2[None, :], w3[None, :]))
     # bits 4 (b % 8) .. + 3 of the word to 28 .. 31, then element c's bit 28 + c to the sign bit
     top = tl.reshape(word << (28 - 4 * (b % 8)).to(tl.uint32)[None, :], (BLOCK,))
@@ -265,7 +263,7 @@ def _fused_step_kernel(
     inv_scale = 1.0
     if HAS_SCALE:
         inv_scale = 1.0 / tl.load(grad_scale_ptr)
-    SIGNS: tl.constexpr = (RESTORE and RESTORE_SIGNS) or (AHEAD and AHEAD_SIGNS)
+    SIGNS: tl.constexpr = (RESTORE and RESTORE_SIGNS) or (AHEAD and AHEAD_SIGNS)  # rows as in _sign_rows
     t, blk0, rows, blk, idx, mask, pid = _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr,
                                                 BLOCK, SIGNS)
     # The three streams first (unused ones are zeros the compiler drops), then the memory. A
