@@ -67,7 +67,7 @@ def _load_triton() -> Backend:
     except ImportError as exc:  # triton missing, or a kernels/ import error
         raise RuntimeError(f"the Triton kernels could not be imported ({exc})") from exc
     devices = ("cuda", "cpu") if interpret else ("cuda",)
-    return Backend("triton", triton_ops, devices, KERNEL_DTYPES)
+    return Backend("triton", triton_ops, devices, KERNEL_DTYPES)  # the kernels draw the signs themselves
 
 
 _LOADERS: dict[str, Callable[[], Backend]] = {

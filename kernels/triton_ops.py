@@ -112,17 +112,76 @@ def _box_muller(wa, wb):
 
 
 @triton.jit
-def _normals(seed, blk, step, tag):
-    """[BLOCK, 4] normals of Philox blocks blk (int64 [BLOCK]) of stream (seed, step, tag)."""
+def _stream_words(seed, blk, step, tag):
+    """Philox words w0..w3 of blocks blk (int64) of stream (seed, step, tag): SPEC 2's counter."""
     c0 = (blk & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (blk >> 32).to(tl.uint32)
     zero = c0 * 0
     k0, k1 = _key(seed)
-    w0, w1, w2, w3 = _philox(c0, c1, zero + step.to(tl.uint32), zero + tag.to(tl.uint32), k0, k1)
+    return _philox(c0, (blk >> 32).to(tl.uint32), zero + step.to(tl.uint32), zero + tag.to(tl.uint32), k0, k1)
+
+
+@triton.jit
+def _normals(seed, blk, step, tag):
+    """[BLOCK, 4] normals of Philox blocks blk (int64 [BLOCK]) of stream (seed, step, tag)."""
+    w0, w1, w2, w3 = _stream_words(seed, blk, step, tag)
     n0, n1 = _box_muller(w0, w1)
     n2, n3 = _box_muller(w2, w3)
     # element 4*blk + lane takes word `lane`: join stacks on a new last axis, so pair (0,2),(1,3)
     return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (blk.shape[0], 4))
+
+
+# ---- SPEC 2b's signs: one Philox per 128 elements, one bit per element ---------------------------
+# Each thread draws its own rows' block (fp32 full step, sm_90, BLOCK 256/1024: 79.6/62.3 per element;
+# a [BLOCK // 32] Philox broadcast to rows in memory order: 80.5/65.0; a per-row Philox branch: +7).
+@triton.jit
+def _sign_rows(BLOCK: tl.constexpr):
+    """The row (Philox block of 4 elements, from the program's first) that each of the [BLOCK]
+    tensor rows holds when the perturbation is signs: tensor row a * BLOCK/4 + b holds row
+    32 (b // 8) + 8 a + b % 8, so rows (a, b) for a = 0..3 make up Rademacher block b // 8.
+    Triton's blocked layout spreads b over lanes and warps (a over registers, or warps for small
+    blocks): the rows of a thread share their b, so it draws one Philox per 16 of its elements. A
+    warp's access still covers whole 128-byte lines (fp32; 64 bytes for bf16)."""
+    r = tl.arange(0, BLOCK)
+    a = r // (BLOCK // 4)
+    b = r % (BLOCK // 4)
+    return 32 * (b // 8) + 8 * a + b % 8
+
+
+@triton.jit
+def _program_rows(BLOCK: tl.constexpr, SIGNS: tl.constexpr):
+    """The row (Philox block) of each tensor row, from the program's first: in order, or with a
+    sign perturbation in the order of _sign_rows."""
+    if SIGNS:
+        return _sign_rows(BLOCK)
+    else:
+        return tl.arange(0, BLOCK)
+
+
+@triton.jit
+def _sigma_signs(sigma, seed, blk0, step, tag, BLOCK: tl.constexpr):
+    """[BLOCK, 4] sigma * eps in float32 for the SPEC 2b signs eps of stream (seed, step, tag) at
+    the program's rows blk0 + _sign_rows(BLOCK), blk0 a multiple of 32 (chunks start at a
+    Rademacher block): row i (elements 4i + c) takes bits 4 (i % 8) + c of word (i % 32) // 8 of
+    block i // 32. Exact: sigma * (+-1) is sigma with its sign bit flipped or not."""
+    b = tl.arange(0, BLOCK // 4)
+    w0, w1, w2, w3 = _stream_words(seed, (blk0 >> 5) + (b // 8).to(tl.int64), step, tag)
+    a = tl.arange(0, 4)[:, None]  # tensor row (a, b) takes word a; where a lies in registers the selects fold
+    word = tl.where(a < 2, tl.where(a == 0, w0[None, :], w1[None, :]), tl.where(a == 2, w2[None, :], w3[None, :]))
+    # bits 4 (b % 8) .. + 3 of the word to 28 .. 31, then element c's bit 28 + c to the sign bit
+    top = tl.reshape(word << (28 - 4 * (b % 8)).to(tl.uint32)[None, :], (BLOCK,))
+    set_bit = (top[:, None] << (3 - tl.arange(0, 4)[None, :]).to(tl.uint32)) & 0x80000000
+    return ((-sigma).to(tl.uint32, bitcast=True) ^ set_bit).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _times_sigma(sigma, eps, SIGNS: tl.constexpr):
+    """sigma * eps of the step's perturbation: normals are multiplied here, next to their use
+    (multiplied earlier, the Gaussian step took 2 instructions per element more); signs come
+    multiplied from _sigma_signs."""
+    if SIGNS:
+        return eps
+    else:
+        return sigma * eps
 
 
 @triton.jit
@@ -149,18 +208,26 @@ def _load_clean(p_ptr, master_addr, t, idx, mask, HAS_MASTER: tl.constexpr):
 
 
 @triton.jit
-def _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr, BLOCK: tl.constexpr):
-    """This program's tensor, its Philox blocks, local element indices [BLOCK, 4] and mask."""
+def _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr, BLOCK: tl.constexpr,
+           SIGNS: tl.constexpr):
+    """This program's tensor, its first Philox block, its rows (from the first: _program_rows) and
+    their Philox blocks, local element indices [BLOCK, 4] and mask. With SIGNS the tensor's chunks
+    start at a Rademacher block (128 elements) instead of a Philox block (4; _table)."""
     prog = tl.program_id(0)
     t = tl.load(chunk_tensor_ptr + prog)
     ch = tl.load(chunk_index_ptr + prog).to(tl.int64)
     n = tl.load(numel_ptr + t)
     off = tl.load(offset_ptr + t)
     pid = tl.load(pid_ptr + t)
-    blk = (off >> 2) + ch * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    if SIGNS:
+        blk0 = (off >> 7 << 5) + ch * BLOCK
+    else:
+        blk0 = (off >> 2) + ch * BLOCK
+    rows = _program_rows(BLOCK, SIGNS)
+    blk = blk0 + rows.to(tl.int64)
     idx = blk[:, None] * 4 + tl.arange(0, 4)[None, :].to(tl.int64) - off
     mask = (idx >= 0) & (idx < n)
-    return t, blk, idx, mask, pid
+    return t, blk0, rows, blk, idx, mask, pid
 
 
 @triton.jit(do_not_specialize=["seed", "step"])
@@ -173,7 +240,7 @@ def _fused_step_kernel(
     HAS_STEP_T: tl.constexpr, HAS_LR_T: tl.constexpr,
     HAS_MASTER: tl.constexpr, HAS_MOMENTUM: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     RESTORE: tl.constexpr, NOISE: tl.constexpr, AHEAD: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
-    BLOCK: tl.constexpr,
+    RESTORE_SIGNS: tl.constexpr, AHEAD_SIGNS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     if HAS_FOUND_INF:
         if tl.load(found_inf_ptr) != 0.0:
@@ -191,17 +258,26 @@ def _fused_step_kernel(
     inv_scale = 1.0
     if HAS_SCALE:
         inv_scale = 1.0 / tl.load(grad_scale_ptr)
-    t, blk, idx, mask, pid = _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr, BLOCK)
-    # The three streams first (unused ones are zeros the compiler drops), then the memory.
+    SIGNS: tl.constexpr = (RESTORE and RESTORE_SIGNS) or (AHEAD and AHEAD_SIGNS)  # rows as in _sign_rows
+    t, blk0, rows, blk, idx, mask, pid = _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr,
+                                                BLOCK, SIGNS)
+    # The three streams first (unused ones are zeros the compiler drops), then the memory. A
+    # perturbation is normals, or with *_SIGNS already sigma * eps for the signs of SPEC 2b.
     e_k = tl.zeros(idx.shape, tl.float32)
     xi = tl.zeros(idx.shape, tl.float32)
     e_n = tl.zeros(idx.shape, tl.float32)
     if RESTORE:  # only without masters: the master is never perturbed
-        e_k = _normals(seed, blk, step, pid * 2)
+        if RESTORE_SIGNS:
+            e_k = _sigma_signs(restore_sigma, seed, blk0, step, pid * 2, BLOCK)
+        else:
+            e_k = _normals(seed, blk, step, pid * 2)
     if NOISE:
         xi = _normals(seed, blk, step, pid * 2 + 1)
     if AHEAD:
-        e_n = _normals(seed, blk, step + 1, pid * 2)
+        if AHEAD_SIGNS:
+            e_n = _sigma_signs(perturb_sigma, seed, blk0, step + 1, pid * 2, BLOCK)
+        else:
+            e_n = _normals(seed, blk, step + 1, pid * 2)
     p_addr = tl.load(param_addr + t)
     g_addr = tl.load(grad_addr + t)
     b_addr = p_addr
@@ -212,22 +288,27 @@ def _fused_step_kernel(
         m_addr = tl.load(master_addr + t)
     # A program inside an aligned tensor (the usual case) runs without masks, on 32-bit offsets from
     # the program's first element, with 16-byte-aligned bases the compiler can see (vector access).
-    first = tl.load(chunk_index_ptr + tl.program_id(0)).to(tl.int64) * (4 * BLOCK)
     n = tl.load(numel_ptr + t)
     off = tl.load(offset_ptr + t)
-    if ((off & 3) == 0) & (first + 4 * BLOCK <= n) & (((p_addr | g_addr | b_addr | m_addr) & 15) == 0):
-        loc = tl.arange(0, BLOCK)[:, None] * 4 + tl.arange(0, 4)[None, :]
+    if SIGNS:  # chunks start at a Rademacher block: the first may start before the tensor
+        first = blk0 * 4 - off
+        inside = (first >= 0) & (first + 4 * BLOCK <= n)
+    else:
+        first = tl.load(chunk_index_ptr + tl.program_id(0)).to(tl.int64) * (4 * BLOCK)
+        inside = first + 4 * BLOCK <= n
+    if ((off & 3) == 0) & inside & (((p_addr | g_addr | b_addr | m_addr) & 15) == 0):
+        loc = rows[:, None] * 4 + tl.arange(0, 4)[None, :]
         _step_elements(_aligned(p_addr, first, loc, P_DTYPE), _aligned(g_addr, first, loc, P_DTYPE),
                        _aligned(b_addr, first, loc, B_DTYPE), _aligned(m_addr, first, loc, tl.float32), 0, loc,
                        e_k, xi, e_n, lr, weight_decay, momentum, noise_std, restore_sigma, perturb_sigma, inv_scale,
                        P_DTYPE, B_DTYPE, P_SOFT, B_SOFT, HAS_MASTER, HAS_MOMENTUM, HAS_SCALE, RESTORE, NOISE, AHEAD,
-                       WEIGHT_DECAY, False)
+                       WEIGHT_DECAY, RESTORE_SIGNS, AHEAD_SIGNS, False)
     else:
         _step_elements(p_addr.to(tl.pointer_type(P_DTYPE)), g_addr.to(tl.pointer_type(P_DTYPE)),
                        b_addr.to(tl.pointer_type(B_DTYPE)), m_addr.to(tl.pointer_type(tl.float32)), idx, mask,
                        e_k, xi, e_n, lr, weight_decay, momentum, noise_std, restore_sigma, perturb_sigma, inv_scale,
                        P_DTYPE, B_DTYPE, P_SOFT, B_SOFT, HAS_MASTER, HAS_MOMENTUM, HAS_SCALE, RESTORE, NOISE, AHEAD,
-                       WEIGHT_DECAY, True)
+                       WEIGHT_DECAY, RESTORE_SIGNS, AHEAD_SIGNS, True)
 
 
 @triton.jit
@@ -245,14 +326,15 @@ def _step_elements(p_ptr, g_ptr, b_ptr, m_ptr, idx, mask, e_k, xi, e_n, lr, weig
                    restore_sigma, perturb_sigma, inv_scale, P_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr,
                    P_SOFT: tl.constexpr, B_SOFT: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
                    HAS_SCALE: tl.constexpr, RESTORE: tl.constexpr, NOISE: tl.constexpr, AHEAD: tl.constexpr,
-                   WEIGHT_DECAY: tl.constexpr, MASKED: tl.constexpr):
+                   WEIGHT_DECAY: tl.constexpr, RESTORE_SIGNS: tl.constexpr, AHEAD_SIGNS: tl.constexpr,
+                   MASKED: tl.constexpr):
     """SPEC section 3 on the elements idx of one program (masked at the tensor's edges)."""
     if HAS_MASTER:
         theta = _load(m_ptr + idx, mask, MASKED)
     else:
         theta = _load(p_ptr + idx, mask, MASKED).to(tl.float32)
     if RESTORE:
-        theta = theta - restore_sigma * e_k
+        theta = theta - _times_sigma(restore_sigma, e_k, RESTORE_SIGNS)
     d = _load(g_ptr + idx, mask, MASKED).to(tl.float32)
     if HAS_SCALE:
         d = d * inv_scale
@@ -268,7 +350,7 @@ def _step_elements(p_ptr, g_ptr, b_ptr, m_ptr, idx, mask, e_k, xi, e_n, lr, weig
     if HAS_MASTER:
         _store(m_ptr + idx, theta, mask, MASKED)
     if AHEAD:
-        theta = theta + perturb_sigma * e_n
+        theta = theta + _times_sigma(perturb_sigma, e_n, AHEAD_SIGNS)
     _store(p_ptr + idx, _round_to(theta, P_DTYPE, P_SOFT), mask, MASKED)
 
 
@@ -292,15 +374,20 @@ def _store(ptr, x, mask, MASKED: tl.constexpr):
 def _perturb_kernel(
     chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr, param_addr, master_addr,
     seed, step, sigma, step_ptr, P_DTYPE: tl.constexpr, P_SOFT: tl.constexpr, HAS_MASTER: tl.constexpr,
-    HAS_STEP_T: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_STEP_T: tl.constexpr, SIGNS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     if HAS_STEP_T:
         step = tl.load(step_ptr)
     sigma = tl.cast(sigma, tl.float32)  # fp64 under Inductor, fp32 in eager
-    t, blk, idx, mask, pid = _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr, BLOCK)
+    t, blk0, rows, blk, idx, mask, pid = _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr,
+                                                BLOCK, SIGNS)
+    if SIGNS:
+        pert = _sigma_signs(sigma, seed, blk0, step, pid * 2, BLOCK)
+    else:
+        pert = sigma * _normals(seed, blk, step, pid * 2)
     p_ptr = tl.load(param_addr + t).to(tl.pointer_type(P_DTYPE))
     clean = _load_clean(p_ptr, master_addr, t, idx, mask, HAS_MASTER)
-    tl.store(p_ptr + idx, _round_to(clean + sigma * _normals(seed, blk, step, pid * 2), P_DTYPE, P_SOFT), mask=mask)
+    tl.store(p_ptr + idx, _round_to(clean + pert, P_DTYPE, P_SOFT), mask=mask)
 
 
 @triton.jit(do_not_specialize=["n", "off", "seed", "step", "tag"])
@@ -313,12 +400,7 @@ def _normals_kernel(out_ptr, n, off, seed, step, tag, BLOCK: tl.constexpr):
 @triton.jit(do_not_specialize=["nblocks", "first", "seed", "step", "tag"])
 def _words_kernel(out_ptr, nblocks, first, seed, step, tag, BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    blk = first + b
-    c0 = (blk & 0xFFFFFFFF).to(tl.uint32)
-    zero = c0 * 0
-    k0, k1 = _key(seed)
-    w0, w1, w2, w3 = _philox(c0, (blk >> 32).to(tl.uint32), zero + step.to(tl.uint32), zero + tag.to(tl.uint32),
-                             k0, k1)
+    w0, w1, w2, w3 = _stream_words(seed, first + b, step, tag)
     words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK, 4))
     idx = b[:, None] * 4 + tl.arange(0, 4)[None, :].to(tl.int64)
     tl.store(out_ptr + idx, words.to(tl.int32, bitcast=True), mask=idx < nblocks * 4)
@@ -435,11 +517,13 @@ _TABLES: "OrderedDict[tuple, tuple]" = OrderedDict()
 _MAX_TABLES = 64
 
 
-def _table(params, grads, bufs, masters, param_ids, offsets, block):
+def _table(params, grads, bufs, masters, param_ids, offsets, block, signs=False):
+    """The launch's device tables; `signs`: chunks start at a Rademacher block (the kernels' SIGNS)."""
     device = params[0].device
     key = (
         device,
         block,
+        signs,
         tuple(p.data_ptr() for p in params),
         tuple(g.data_ptr() for g in grads),
         tuple(b.data_ptr() for b in bufs),
@@ -457,7 +541,8 @@ def _table(params, grads, bufs, masters, param_ids, offsets, block):
         n = p.numel()
         if n == 0:
             continue
-        nblk = (off + n - 1) // 4 - off // 4 + 1
+        first = off // 128 * 32 if signs else off // 4  # as blk0 in _chunk
+        nblk = (off + n - 1) // 4 - first + 1
         chunks = -(-nblk // block)
         chunk_tensor += [i] * chunks
         chunk_index += list(range(chunks))
@@ -511,8 +596,11 @@ def _check(params, param_ids, offsets, *lists):
 
 
 def _launch_step(params, grads, bufs, masters, param_ids, offsets, seed, step, lr, weight_decay, momentum,
-                 noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, block, warps, step_t=None, lr_t=None):
-    n_chunks, *tab, _ = _table(params, grads, bufs, masters, param_ids, offsets, block)
+                 noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, block, warps, step_t=None, lr_t=None,
+                 restore_rademacher=False, perturb_rademacher=False):
+    restore, ahead = restore_sigma != 0.0 and not masters, perturb_sigma != 0.0
+    restore_signs, ahead_signs = restore and bool(restore_rademacher), ahead and bool(perturb_rademacher)
+    n_chunks, *tab, _ = _table(params, grads, bufs, masters, param_ids, offsets, block, restore_signs or ahead_signs)
     if n_chunks == 0:
         return
     dummy = tab[0]
@@ -527,8 +615,8 @@ def _launch_step(params, grads, bufs, masters, param_ids, offsets, seed, step, l
         P_SOFT=_soft_bf16(params[0].dtype), B_SOFT=not masters and _soft_bf16(params[0].dtype),
         HAS_STEP_T=step_t is not None, HAS_LR_T=lr_t is not None,
         HAS_MASTER=bool(masters), HAS_MOMENTUM=momentum != 0.0, HAS_SCALE=grad_scale is not None,
-        HAS_FOUND_INF=found_inf is not None, RESTORE=restore_sigma != 0.0 and not masters,
-        NOISE=noise_std != 0.0, AHEAD=perturb_sigma != 0.0, WEIGHT_DECAY=weight_decay != 0.0,
+        HAS_FOUND_INF=found_inf is not None, RESTORE=restore, NOISE=noise_std != 0.0, AHEAD=ahead,
+        WEIGHT_DECAY=weight_decay != 0.0, RESTORE_SIGNS=restore_signs, AHEAD_SIGNS=ahead_signs,
         BLOCK=block, num_warps=warps, enable_fp_fusion=False,
     )  # fmt: skip
 
@@ -542,21 +630,22 @@ _U64 = (1 << 64) - 1
 
 @torch.library.custom_op("fsgld_triton::perturb_", mutates_args=("params",))
 def _perturb_op(params: list[torch.Tensor], masters: list[torch.Tensor], param_ids: list[int], offsets: list[int],
-                seed: int, step: int, sigma: float, step_t: Optional[torch.Tensor]) -> None:
+                seed: int, step: int, sigma: float, step_t: Optional[torch.Tensor], rademacher: bool) -> None:
     with _on_device(params[0].device):
-        _launch_perturb(params, masters, param_ids, offsets, seed, step, sigma, step_t)
+        _launch_perturb(params, masters, param_ids, offsets, seed, step, sigma, step_t, rademacher)
 
 
-def _launch_perturb(params, masters, param_ids, offsets, seed, step, sigma, step_t):
+def _launch_perturb(params, masters, param_ids, offsets, seed, step, sigma, step_t, rademacher=False):
     block, warps = _tuned_block(params[0].device, params[0].dtype, sum(p.numel() for p in params))
     n_chunks, chunk_t, chunk_i, numel, offs, pids, p_addr, _, _, m_addr, _ = _table(
-        params, [], [], masters, param_ids, offsets, block
+        params, [], [], masters, param_ids, offsets, block, rademacher
     )
     if n_chunks:
         _perturb_kernel[(n_chunks,)](chunk_t, chunk_i, numel, offs, pids, p_addr, m_addr, seed & _U64, step,
                                      float(sigma), step_t if step_t is not None else chunk_t,
                                      P_DTYPE=_TL_DTYPE[params[0].dtype], P_SOFT=_soft_bf16(params[0].dtype),
-                                     HAS_MASTER=bool(masters), HAS_STEP_T=step_t is not None, BLOCK=block,
+                                     HAS_MASTER=bool(masters), HAS_STEP_T=step_t is not None, SIGNS=rademacher,
+                                     BLOCK=block,
                                      num_warps=warps, enable_fp_fusion=False)
 
 
@@ -565,44 +654,50 @@ def _fused_step_op(params: list[torch.Tensor], grads: list[torch.Tensor], moment
                    masters: list[torch.Tensor], param_ids: list[int], offsets: list[int], seed: int, step: int,
                    lr: float, weight_decay: float, momentum: float, noise_std: float, restore_sigma: float,
                    perturb_sigma: float, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
-                   step_t: Optional[torch.Tensor], lr_t: Optional[torch.Tensor]) -> None:
+                   step_t: Optional[torch.Tensor], lr_t: Optional[torch.Tensor], restore_rademacher: bool,
+                   perturb_rademacher: bool) -> None:
     with _on_device(params[0].device):
         block, warps = _tuned_block(params[0].device, params[0].dtype, sum(p.numel() for p in params))
         _launch_step(params, grads, momentum_buffers, masters, param_ids, offsets, seed & _U64, step, lr,
                      weight_decay, momentum, noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, block,
-                     warps, step_t, lr_t)
+                     warps, step_t, lr_t, restore_rademacher, perturb_rademacher)
 
 
 @_perturb_op.register_fake
-def _(params, masters, param_ids, offsets, seed, step, sigma, step_t):
+def _(params, masters, param_ids, offsets, seed, step, sigma, step_t, rademacher):
     return None
 
 
 @_fused_step_op.register_fake
 def _(params, grads, momentum_buffers, masters, param_ids, offsets, seed, step, lr, weight_decay, momentum,
-      noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, step_t, lr_t):
+      noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, step_t, lr_t, restore_rademacher,
+      perturb_rademacher):
     return None
 
 
 # ---- the backend's face: the reference's signatures ---------------------------------------------
-def perturb_(params, param_ids, seed, step, sigma, offsets=None, masters: Sequence[torch.Tensor] = (), step_t=None):
+def perturb_(params, param_ids, seed, step, sigma, offsets=None, masters: Sequence[torch.Tensor] = (), step_t=None,
+             rademacher=False):
     params, masters, offsets = list(params), list(masters), _offsets(params, offsets)
     _check(params, list(param_ids), offsets, masters)
     if params:
-        _perturb_op(params, masters, list(param_ids), offsets, _seed_arg(seed), step, float(sigma), step_t)
+        _perturb_op(params, masters, list(param_ids), offsets, _seed_arg(seed), step, float(sigma), step_t,
+                    bool(rademacher))
 
 
-def restore_(params, param_ids, seed, step, sigma, offsets=None, masters: Sequence[torch.Tensor] = (), step_t=None):
+def restore_(params, param_ids, seed, step, sigma, offsets=None, masters: Sequence[torch.Tensor] = (), step_t=None,
+             rademacher=False):
     if masters:  # the master is the clean weight: copying it back is the exact restore
         torch._foreach_copy_(list(params), list(masters))
         return
-    perturb_(params, param_ids, seed, step, -sigma, offsets, step_t=step_t)
+    perturb_(params, param_ids, seed, step, -sigma, offsets, step_t=step_t, rademacher=rademacher)
 
 
 def fused_step_(params, grads, momentum_buffers, param_ids, seed, step, lr, weight_decay, momentum, noise_std,
                 restore_sigma, perturb_sigma, offsets=None, masters: Sequence[torch.Tensor] = (),
                 grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None,
-                step_t: Optional[torch.Tensor] = None, lr_t: Optional[torch.Tensor] = None):
+                step_t: Optional[torch.Tensor] = None, lr_t: Optional[torch.Tensor] = None, restore_rademacher=False,
+                perturb_rademacher=False):
     params, masters, offsets = list(params), list(masters), _offsets(params, offsets)
     grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
     bufs = list(momentum_buffers)
@@ -612,7 +707,8 @@ def fused_step_(params, grads, momentum_buffers, param_ids, seed, step, lr, weig
     if params:
         _fused_step_op(params, grads, bufs, masters, list(param_ids), offsets, _seed_arg(seed), step, float(lr),
                        float(weight_decay), float(momentum), float(noise_std), float(restore_sigma),
-                       float(perturb_sigma), grad_scale, found_inf, step_t, lr_t)
+                       float(perturb_sigma), grad_scale, found_inf, step_t, lr_t, bool(restore_rademacher),
+                       bool(perturb_rademacher))
 
 
 def normals(seed, pid, step, kind, numel, offset=0, device="cpu"):

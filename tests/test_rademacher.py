@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import CPU_BACKENDS
+from conftest import CPU_BACKENDS, KERNEL_BACKENDS
 from fsgld_fused import FSGLD, _backends
 from fsgld_fused import reference as R
 from fsgld_fused.testing import assert_step_close
@@ -87,6 +87,113 @@ def test_fused_step_with_signs_matches_the_reference(backend, master, kinds):
         R.fused_step_(ref_p, grads, ref_b, *args, masters=ref_m, **kw)
     for a, b in zip(params + masters + bufs, ref_p + ref_m + ref_b):
         assert_step_close(a, b, 0.1 + 1e-3)  # the Langevin noise is Gaussian: the SPEC tolerance
+
+
+# ---- kernels that draw the signs themselves: bit for bit ------------------------------------------
+# (numel, offset): whole programs on the unmasked path (offsets 0 and 128; 1024-element programs in
+# the interpreter), 128-element and 2**32-block boundaries crossed, offsets that are not multiples of
+# 128 (a chunk starting before the tensor), a masked tail everywhere. A few thousand elements: the
+# interpreter runs programs one by one.
+PAIRS = [(2100, 0), (1000, 5), (300, 2**32 * 128 - 70), (127, 131), (1, 7), (2100, 128)]
+CASES = [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)]
+CASE_IDS = ["fp32", "bf16", "bf16-masters"]
+
+
+def _fused_sign_ops(backend, dtype):
+    return _backends.resolve(backend, torch.device("cpu"), dtype).ops
+
+
+def _tensors(dtype, master, offsets_shift=0):
+    """params, masters (fp32, or none), grads, ids and offsets for PAIRS."""
+    torch.manual_seed(0)
+    masters = [torch.randn(n) for n, _ in PAIRS] if master else []
+    params = [m.to(dtype) for m in masters] if master else [torch.randn(n).to(dtype) for n, _ in PAIRS]
+    grads = [torch.randn(n).to(dtype) for n, _ in PAIRS]
+    return params, masters, grads, [4, 0, 2, 1, 5, 3], [off + offsets_shift for _, off in PAIRS]
+
+
+def _assert_equal(actual, expected):
+    for i, (a, b) in enumerate(zip(actual, expected)):
+        assert torch.equal(a, b), (i, PAIRS[i], (a.double() - b.double()).abs().max().item())
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("substream", [0, 3])
+def test_perturb_and_restore_bit_for_bit(backend, case, substream):
+    """Sub-stream j of n_pert is the stream shifted by substream_offset(j, True) elements (counter word 1)."""
+    dtype, master = case
+    ops = _fused_sign_ops(backend, dtype)
+    params, masters, _, ids, offs = _tensors(dtype, master, R.substream_offset(substream, True))
+    ref = [p.clone() for p in params]
+    ops.perturb_(params, ids, 2**64 - 5, 2**32 + 9, 0.375, offsets=offs, masters=masters, rademacher=True)
+    R.perturb_(ref, ids, 2**64 - 5, 2**32 + 9, 0.375, offsets=offs, masters=masters, rademacher=True)
+    _assert_equal(params, ref)
+    ops.restore_(params, ids, 2**64 - 5, 2**32 + 9, 0.375, offsets=offs, masters=masters, rademacher=True)
+    R.restore_(ref, ids, 2**64 - 5, 2**32 + 9, 0.375, offsets=offs, masters=masters, rademacher=True)
+    _assert_equal(params, ref)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_fused_step_with_signs_bit_for_bit(backend, case, momentum):
+    """Restore + update + next perturbation, all signs, without Langevin noise (its normals are exact
+    only to the SPEC tolerance): params, masters and buffers equal the reference's bit for bit."""
+    dtype, master = case
+    ops = _fused_sign_ops(backend, dtype)
+    params, masters, grads, ids, offs = _tensors(dtype, master)
+    bufs = [torch.zeros_like(m) for m in masters] if master else [torch.zeros_like(p) for p in params]
+    bufs = bufs if momentum else []
+    ref_p, ref_m, ref_b = ([x.clone() for x in xs] for xs in (params, masters, bufs))
+    for step in (5, 6):  # step 6 removes what step 5 added
+        args = (ids, 0x0123456789ABCDEF, step, 1e-2, 5e-4, momentum, 0.0, 0.0 if master or step == 5 else 0.05, 0.05)
+        kw = dict(offsets=offs, grad_scale=torch.tensor([4.0]), restore_rademacher=True, perturb_rademacher=True)
+        ops.fused_step_(params, grads, bufs, *args, masters=masters, **kw)
+        R.fused_step_(ref_p, grads, ref_b, *args, masters=ref_m, **kw)
+        _assert_equal(params + masters + bufs, ref_p + ref_m + ref_b)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=[CASE_IDS[0], CASE_IDS[2]])
+@pytest.mark.parametrize("kinds", [(True, False), (False, True)], ids=["r->g", "g->r"])
+def test_mixed_kinds_are_the_single_kind_passes(backend, case, kinds):
+    """A step restoring one kind and perturbing ahead with the other (a group's perturbation changed
+    mid-run), Langevin noise and momentum on, is bit for bit its parts run separately (exact where
+    fp32 is stored in between: fp32 params, or masters); its parts match the reference above."""
+    dtype, master = case
+    ops = _fused_sign_ops(backend, dtype)
+    params, masters, grads, ids, offs = _tensors(dtype, master)
+    bufs = [torch.randn(n) for n, _ in PAIRS]
+    parts_p, parts_m, parts_b = ([x.clone() for x in xs] for xs in (params, masters, bufs))
+    restore_sigma = 0.0 if master else 0.05
+    args = (ids, 77, 11, 1e-2, 5e-4, 0.9, 1e-3)
+    ops.fused_step_(params, grads, bufs, *args, restore_sigma, 0.07, offsets=offs, masters=masters,
+                    restore_rademacher=kinds[0], perturb_rademacher=kinds[1])
+    if kinds[0] and restore_sigma:
+        ops.restore_(parts_p, ids, 77, 11, restore_sigma, offsets=offs, rademacher=True)
+    ops.fused_step_(parts_p, grads, parts_b, *args, 0.0 if kinds[0] else restore_sigma, 0.0 if kinds[1] else 0.07,
+                    offsets=offs, masters=parts_m)
+    if kinds[1]:
+        ops.perturb_(parts_p, ids, 77, 12, 0.07, offsets=offs, masters=parts_m, rademacher=True)
+    _assert_equal(params + masters + bufs, parts_p + parts_m + parts_b)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_capturable_form_with_signs_bit_for_bit(backend):
+    """step_t / lr_t (device tensors) replace step / lr, on a sub-stream's offsets (n_pert)."""
+    ops = _fused_sign_ops(backend, torch.float32)
+    params, _, grads, ids, offs = _tensors(torch.float32, False, R.substream_offset(1, True))
+    ref = [p.clone() for p in params]
+    ops.perturb_(params, ids, 9, 0, 0.05, offsets=offs, step_t=torch.tensor([41]), rademacher=True)
+    R.perturb_(ref, ids, 9, 41, 0.05, offsets=offs, rademacher=True)
+    _assert_equal(params, ref)
+    ops.fused_step_(params, grads, [], ids, 9, 0, 0.0, 1e-3, 0.0, 0.0, 0.05, 0.05, offsets=offs,
+                    step_t=torch.tensor([41]), lr_t=torch.tensor([0.02]), restore_rademacher=True,
+                    perturb_rademacher=True)
+    R.fused_step_(ref, grads, [], ids, 9, 41, float(torch.tensor(0.02)), 1e-3, 0.0, 0.0, 0.05, 0.05, offsets=offs,
+                  restore_rademacher=True, perturb_rademacher=True)
+    _assert_equal(params, ref)
 
 
 # ---- the optimizer ---------------------------------------------------------------------------------

@@ -53,12 +53,16 @@ for arch in (80, 90):
     for p in (tl.float32, tl.bfloat16, tl.float16):
         masters = (False, True) if p != tl.float32 else (False,)
         for master in masters:
-            for on in (True, False):
+            # every flag on with signs (SPEC 2b) and with normals for the perturbations, every flag off
+            for on, signs in ((True, True), (True, False), (False, False)):
                 build(K._fused_step_kernel, target, P_DTYPE=p, B_DTYPE=tl.float32 if master else p, P_SOFT=False,
-                      B_SOFT=False, HAS_MASTER=master, BLOCK=256, **{f: on for f in flags})
+                      B_SOFT=False, HAS_MASTER=master, BLOCK=256, RESTORE_SIGNS=signs, AHEAD_SIGNS=signs,
+                      **{f: on for f in flags})
                 n += 1
-            build(K._perturb_kernel, target, P_DTYPE=p, P_SOFT=False, HAS_MASTER=master, HAS_STEP_T=True, BLOCK=512)
-            n += 1
+            for signs in (True, False):
+                build(K._perturb_kernel, target, P_DTYPE=p, P_SOFT=False, HAS_MASTER=master, HAS_STEP_T=True,
+                      SIGNS=signs, BLOCK=512)
+                n += 1
     build(K._normals_kernel, target, BLOCK=256)
     build(K._words_kernel, target, out_type="*i32", BLOCK=256)
     n += 2
@@ -76,4 +80,4 @@ def test_triton_kernels_compile_for_sm80_and_sm90(tmp_path):
     env["TRITON_DEFAULT_FP_FUSION"] = "0"
     res = subprocess.run([sys.executable, "-c", _COMPILE_ALL], env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
-    assert "compiled 34 kernels" in res.stdout, res.stdout
+    assert "compiled 54 kernels" in res.stdout, res.stdout
