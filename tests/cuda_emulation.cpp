@@ -2,7 +2,8 @@
 //
 // The kernels use no shared memory, no __syncthreads and no atomics: a thread's work depends only
 // on (blockIdx, threadIdx), so running the threads of a grid one after another is one legal
-// schedule of it. Compiled with the host compiler, the same kernel source then executes its
+// schedule of it. Their one warp shuffle (the Rademacher sign words, warp_sign_word) compiles here
+// to a recomputation of the value the source lane holds. Compiled with the host compiler, the same kernel source then executes its
 // indexing, table packing (several launches per call), vector and tail paths on CPU tensors,
 // where tests/test_cuda_emulation.py compares it with the reference. What it cannot show: the
 // GPU's own float rounding of sqrtf, timing, and anything about the hardware.
@@ -66,13 +67,13 @@ void fused_step_emu(at::TensorList params, at::TensorList grads, at::TensorList 
                    grad_scale, found_inf, step_t, lr_t);
   if (params.empty()) return;
   fused_step_host(params, grads, momentum_buffers, masters, param_ids, offsets, seed, step, lr, weight_decay, momentum,
-                  noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, step_t, lr_t, restore_rademacher, perturb_rademacher,
-                  CpuLaunch{});
+                  noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, step_t, lr_t, restore_rademacher,
+                  perturb_rademacher, CpuLaunch{});
 }
 
 void perturb_emu(at::TensorList params, at::TensorList masters, at::IntArrayRef param_ids, at::IntArrayRef offsets,
                  int64_t seed, int64_t step, double sigma, const std::optional<at::Tensor>& step_t,
-                  bool rademacher) {
+                 bool rademacher) {
   check_lists(c10::DeviceType::CPU, params, {}, {}, masters, param_ids, offsets);
   if (params.empty()) return;
   check_step_tensor(step_t, params[0].device());
