@@ -418,11 +418,14 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                           momentum != 0.0};
     const bool restore = restore_sigma != 0.0 && !has_master, noise = noise_std != 0.0,
                ahead = perturb_sigma != 0.0;
+    // Only a normal fill is long enough to hide the prefetch: before a sign fill it slows the step
+    // (32M params, one thread, signs only: 13.5 ms without, 23.9 ms with; update only 11.4 ms).
+    const bool normals = (restore && !restore_rademacher) || noise || (ahead && !perturb_rademacher);
     for_each_chunk(prefix, [&](size_t t, int64_t i0, int64_t len) {
       S* p = params[t].data_ptr<S>() + i0;
       const S* g = grads[t].data_ptr<S>() + i0;
       float* master = has_master ? masters[t].data_ptr<float>() + i0 : nullptr;
-      if (restore || noise || ahead) {
+      if (normals) {
         if (has_master) prefetch_l2<true>(master, len);
         prefetch_l2<true>(p, len);
         prefetch_l2<false>(g, len);
