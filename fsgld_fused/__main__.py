@@ -33,7 +33,8 @@ def _clone_with_grads(params, grads):
 
 
 def _max_err(backend: _backends.Backend, device, dtype, steps: int, gen) -> float:
-    """Largest |backend - reference| over `steps` fused steps with momentum, wd and perturbation."""
+    """Largest |backend - reference| over `steps` fused steps with momentum, wd and perturbation:
+    Gaussian first, then Rademacher from step 2 on (step 2 restores a Gaussian one and draws signs)."""
     params = _param_list(12, 50_000, device, dtype, gen)
     grads = [torch.randn_like(p) for p in params]
     ours, ref = [p.clone() for p in params], [p.clone() for p in params]
@@ -42,8 +43,9 @@ def _max_err(backend: _backends.Backend, device, dtype, steps: int, gen) -> floa
     err = 0.0
     for k in range(steps):
         args = (pids, 1234, k, 1e-2, 5e-4, 0.9, 1e-2, 0.0 if k == 0 else 0.05, 0.05)
-        backend.ops.fused_step_(ours, grads, bufs_ours, *args)
-        reference.fused_step_(ref, grads, bufs_ref, *args)
+        kinds = dict(restore_rademacher=k >= 3, perturb_rademacher=k >= 2)
+        backend.ops.fused_step_(ours, grads, bufs_ours, *args, **kinds)
+        reference.fused_step_(ref, grads, bufs_ref, *args, **kinds)
         for a, b in zip(ours, ref):
             if a.numel():
                 err = max(err, (a.double() - b.double()).abs().max().item())
@@ -104,13 +106,13 @@ def check(args: argparse.Namespace) -> int:
     compared = sum(1 for _, err, _ in rows if err not in ("", "(is the reference)"))
     if failed:
         print(f"\nFAIL: a backend differs from the reference by more than {CHECK_TOLERANCE:g} (4 fused steps, "
-              "momentum, weight decay and perturbation)", flush=True)
+              "momentum, weight decay, Gaussian and Rademacher perturbations)", flush=True)
         return 1
     if compared == 0:
         print("\nFAIL: no compiled backend to compare with the reference (build the extension)", flush=True)
         return 1
     print(f"\nPASS: {compared} backend(s) within {CHECK_TOLERANCE:g} of the reference (4 fused steps, momentum, "
-          "weight decay and perturbation)", flush=True)
+          "weight decay, Gaussian and Rademacher perturbations)", flush=True)
     return 0
 
 
