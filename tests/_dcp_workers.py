@@ -98,3 +98,18 @@ def _fsdp_dcp(rank, world, backend, out_dir):
     for kind in ("as_is", "clean", "full"):
         results[kind] = resume(kind)
     torch.save(results, os.path.join(out_dir, f"dcp_{rank}.pt"))
+
+
+def ddp_snippet_worker(rank, world, port):
+    _run(_ddp_snippet, rank, world, port)
+
+
+def _ddp_snippet(rank, world):
+    """README's DDP lines, one training step (its DDP module, which holds the group, is released
+    before `_run` tears the group down)."""
+    ns = {"model": model()}
+    exec(readme_snippet("ddp"), ns)
+    x, y = batches(1)[0]
+    torch.nn.functional.mse_loss(ns["model"](x), y).backward()
+    ns["opt"].step()
+    assert ns["opt"].step_count == 1 and ns["opt"].is_perturbed
