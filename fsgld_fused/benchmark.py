@@ -54,8 +54,6 @@ BYTES_MODEL: dict[str, tuple[str, Callable[[int, bool], float]]] = {
     "Adam": ("7e", lambda e, m: 7 * e),
     "FSGLD": ("3e, or 8+2e with fp32 masters", lambda e, m: 8 + 2 * e if m else 3 * e),
     "FSGLD defaults": ("FSGLD's + e (the finite check reads the grads)", lambda e, m: (8 + 2 * e if m else 3 * e) + e),
-    # the signs are drawn in the kernels: the same bytes as the Gaussian step
-    "FSGLD rademacher": ("FSGLD's", lambda e, m: 8 + 2 * e if m else 3 * e),
     "naive fSGLD (eager)": ("14e", lambda e, m: 14 * e),
     "naive fSGLD (torch.compile)": ("5e", lambda e, m: 5 * e),
 }
@@ -69,8 +67,6 @@ def bytes_per_param(variant: str, element_size: int, master: bool) -> float:
         key = "Adam"
     elif variant == "FSGLD auto (defaults)":
         key = "FSGLD defaults"
-    elif variant.startswith("FSGLD") and variant.endswith("rademacher"):
-        key = "FSGLD rademacher"
     elif variant.startswith("FSGLD"):
         key = "FSGLD"
     else:

@@ -28,7 +28,6 @@ __all__ = [
     "philox4x32",
     "normals",
     "rademacher",
-    "signs_from_words",
     "substream_offset",
     "perturb_",
     "restore_",
@@ -98,15 +97,6 @@ def normals(
     return lanes[start : start + numel]
 
 
-def signs_from_words(words: torch.Tensor, start: int, numel: int) -> torch.Tensor:
-    """+-1.0 (float32) of SPEC 2b from the Philox words of consecutive blocks (an (n, 4) tensor,
-    any integer dtype with the words' bits): element `start + e` of the first block on is bit
-    (start + e) % 32 of word (start + e) // 32 (words in block order, w0..w3 each)."""
-    flat = words.reshape(-1)  # int32 bit patterns or int64 in [0, 2**32): bit b of either is (w >> b) & 1
-    bits = (flat.unsqueeze(1) >> torch.arange(32, dtype=flat.dtype, device=flat.device)) & 1
-    return bits.reshape(-1)[start : start + numel].to(torch.float32).mul_(2.0).sub_(1.0)
-
-
 def rademacher(seed: int, pid: int, step: int, numel: int, offset: int = 0) -> torch.Tensor:
     """Random signs (SPEC 2b) of elements offset .. offset+numel-1 of parameter `pid`: one Philox
     call (kind EPS) per 128 elements, one bit per element."""
@@ -115,8 +105,10 @@ def rademacher(seed: int, pid: int, step: int, numel: int, offset: int = 0) -> t
     first, last = offset // 128, (offset + numel - 1) // 128
     block = torch.arange(first, last + 1, dtype=torch.int64)
     counter = (block & _MASK32, block >> 32, step & _MASK32, ((pid << 1) | EPS) & _MASK32)
-    words = torch.stack(philox4x32(counter, (seed & _MASK32, seed >> 32)), dim=1)
-    return signs_from_words(words, offset - 128 * first, numel)
+    words = torch.stack(philox4x32(counter, (seed & _MASK32, seed >> 32)), dim=1).reshape(-1)  # block order
+    bits = (words.unsqueeze(1) >> torch.arange(32)) & 1  # element i: bit i % 32 of word i // 32
+    start = offset - 128 * first
+    return bits.reshape(-1)[start : start + numel].to(torch.float32).mul_(2.0).sub_(1.0)
 
 
 def substream_offset(j: int, rademacher_eps: bool) -> int:

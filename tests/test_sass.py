@@ -60,23 +60,14 @@ def _require_triton_sass():
         pytest.skip("cuobjdump absent")
 
 
-def test_triton_step_kernel_within_budget(tmp_path):
+@pytest.mark.parametrize("variant,must", [("gaussian-full", TRITON_MUST), ("rademacher-full", TRITON_RADEMACHER_MUST)])
+def test_triton_step_kernel_within_budget(tmp_path, variant, must):
+    """Rademacher: one Philox per thread per 16 elements and no exchange between threads."""
     _require_triton_sass()
-    rows = _count(tmp_path, "--backends", "triton", "--dtype", "float32", "--variant", "gaussian-full")
+    rows = _count(tmp_path, "--backends", "triton", "--dtype", "float32", "--variant", variant)
     assert {key[3] for key in rows} == {block for block, _ in sass.TRITON_CONFIGS}
     for r in rows.values():
-        assert r["instructions_per_element"] <= TRITON_MUST, r
-        assert r["spill_bytes"] == 0, r
-        assert r["by_class_per_element"]["memory"] < 3, r  # 16-byte accesses on the interior path
-
-
-def test_triton_rademacher_step_within_budget(tmp_path):
-    """The signs cost one Philox per thread per 16 elements and no exchange between threads."""
-    _require_triton_sass()
-    rows = _count(tmp_path, "--backends", "triton", "--dtype", "float32", "--variant", "rademacher-full")
-    assert {key[3] for key in rows} == {block for block, _ in sass.TRITON_CONFIGS}
-    for r in rows.values():
-        assert r["instructions_per_element"] <= TRITON_RADEMACHER_MUST, r
+        assert r["instructions_per_element"] <= must, r
         assert r["spill_bytes"] == 0, r
         assert r["by_class_per_element"]["memory"] < 3, r  # 16-byte accesses, no shared-memory exchange
 
