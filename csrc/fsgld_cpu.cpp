@@ -383,7 +383,7 @@ FSGLD_LOOP_AVX2 void perturb_chunk_avx2(S* p, const float* master, const float* 
 #endif
 
 template <typename S, bool kMaster>
-void perturb_chunk_dispatch(S* p, const float* master, const float* eps, int64_t n, math_t<S> sigma) {
+void perturb_chunk_isa(S* p, const float* master, const float* eps, int64_t n, math_t<S> sigma) {
 #if FSGLD_X86
   if (kHasAvx512) return perturb_chunk_avx512<S, kMaster>(p, master, eps, n, sigma);
   if (kHasAvx2) return perturb_chunk_avx2<S, kMaster>(p, master, eps, n, sigma);
@@ -410,9 +410,9 @@ void perturb_cpu(at::TensorList params, at::TensorList masters, at::IntArrayRef 
       const Stream st = make_stream(seed_bits(seed), param_ids[t], step, kEps);
       const float* e = eps.fill(st, offsets[t] + i0, len, rademacher, &pf);
       if (master) {
-        perturb_chunk_dispatch<S, true>(p, master, e, len, math_t<S>(sigma));
+        perturb_chunk_isa<S, true>(p, master, e, len, math_t<S>(sigma));
       } else {
-        perturb_chunk_dispatch<S, false>(p, nullptr, e, len, math_t<S>(sigma));
+        perturb_chunk_isa<S, false>(p, nullptr, e, len, math_t<S>(sigma));
       }
     });
   });
