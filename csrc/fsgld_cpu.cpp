@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <utility>
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -22,6 +23,7 @@
 
 #include "fsgld_math.h"
 #include "fsgld_ops.h"
+#include "fsgld_schemas.h"
 
 namespace fsgld {
 namespace {
@@ -37,15 +39,44 @@ constexpr int64_t kGrain = 1 << 15;
 // order), because Philox then Box-Muller in one loop iteration is a ~500-instruction dependency
 // chain, longer than a core's reorder window, while loops of independent iterations overlap:
 //  - AVX-512 (below): Philox in 64-bit lanes with intrinsics, a register transpose at the end.
-//  - portable: Philox over plain 16-lane arrays that the compiler vectorizes, cloned for
-//    x86-64-v3 (AVX2 + FMA) and baseline by GCC function multi-versioning.
+//  - portable: Philox over plain 16-lane arrays that the compiler vectorizes, one always_inline
+//    body compiled for x86-64-v3 (AVX2 + FMA) and for baseline x86-64.
+// cpu_isa() picks the path once per process (not GCC's target_clones: its choice cannot be
+// overridden, so the baseline path never ran on a machine with AVX2 and no test reached it).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FSGLD_X86 1
-#define FSGLD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define FSGLD_V3 __attribute__((target("arch=x86-64-v3")))
 #else
 #define FSGLD_X86 0
-#define FSGLD_CLONES
 #endif
+
+// The widest ISA this CPU has (AVX-512 counts only with what the loops are compiled for: F, BW,
+// VL on top of x86-64-v3), capped by FSGLD_CPU_ISA=avx512|avx2|baseline: the tests run every
+// path on one machine. Read once per process; a bad value is an error at the first kernel call.
+enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+const char* const kIsaNames[] = {"baseline", "avx2", "avx512"};
+
+Isa detect_isa() {
+  Isa best = Isa::kBaseline;
+#if FSGLD_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v3")) best = Isa::kAvx2;
+  if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl"))
+    best = Isa::kAvx512;
+#endif
+  const char* cap = std::getenv("FSGLD_CPU_ISA");
+  if (cap == nullptr || *cap == '\0') return best;
+  for (int i = 0; i < 3; ++i) {
+    if (std::strcmp(cap, kIsaNames[i]) == 0) return std::min(best, static_cast<Isa>(i));
+  }
+  TORCH_CHECK(false, "FSGLD_CPU_ISA=", cap, ": use avx512, avx2 or baseline (a cap on the CPU's own)");
+}
+
+Isa cpu_isa() {
+  static const Isa isa = detect_isa();
+  return isa;
+}
 
 // Largest fill: a chunk that starts and ends mid-block spans kChunk / 4 + 1 blocks; fills cover
 // whole groups of 16 blocks, so buffers hold kGroups of them.
@@ -123,8 +154,8 @@ namespace {
 // Fills 16 * ceil(nblocks / 16) blocks (nblocks <= kMaxBlocks): callers leave room for the tail.
 // Asks for all of `pf` (may be null) first: this fill is long (about four times the AVX-512 one),
 // and a slice per group inside its Philox loop doubled the step (noise-only, 171 -> 356 ms).
-FSGLD_CLONES void fill_normals_portable(Stream st, uint64_t first_block, int64_t nblocks, float* __restrict out,
-                                        const PrefetchList* pf) {
+__attribute__((always_inline)) inline void fill_normals_portable(Stream st, uint64_t first_block, int64_t nblocks,
+                                                                float* __restrict out, const PrefetchList* pf) {
   alignas(64) uint32_t wa[32 * kGroups], wb[32 * kGroups];
   alignas(64) float nc[32 * kGroups], ns[32 * kGroups];
   const int64_t groups = (nblocks + 15) / 16;
@@ -245,9 +276,6 @@ __attribute__((target("avx512f,fma"))) void words16_avx512(const Stream& st, uin
     for (int k = 0; k < 4; ++k) out[4 * j + k] = tmp[k][j];
 }
 
-// FSGLD_CPU_NO_AVX512=1 forces the portable path on an AVX-512 machine (the tests check it there).
-const bool kHasAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma") &&
-                        std::getenv("FSGLD_CPU_NO_AVX512") == nullptr;
 #endif
 
 // ---- Rademacher signs (SPEC 2b) as +-1.0: the step's loop multiplies them by sigma, exactly ----
@@ -256,7 +284,8 @@ constexpr int64_t kMaxRBlocks = kChunk / 128 + 1;
 
 // Portable: the words one call at a time, then bit j of each word -> +1.0 / -1.0 in a loop of
 // constant trip count that GCC vectorizes (variable shifts in the AVX2 clone).
-FSGLD_CLONES void fill_signs_portable(Stream st, uint64_t first, int64_t nr, float* __restrict out) {
+__attribute__((always_inline)) inline void fill_signs_portable(Stream st, uint64_t first, int64_t nr,
+                                                              float* __restrict out) {
   uint32_t words[4 * kMaxRBlocks];
   for (int64_t r = 0; r < nr; ++r) rademacher_words(st, first + (uint64_t)r, words + 4 * r);
   for (int64_t i = 0; i < 4 * nr; ++i) {
@@ -288,19 +317,41 @@ __attribute__((target("avx512f,fma"))) void fill_signs_avx512(Stream st, uint64_
 }
 #endif
 
+#if FSGLD_X86
+FSGLD_V3 void fill_signs_avx2(Stream st, uint64_t first, int64_t nr, float* __restrict out) {
+  fill_signs_portable(st, first, nr, out);
+}
+#endif
+void fill_signs_baseline(Stream st, uint64_t first, int64_t nr, float* __restrict out) {
+  fill_signs_portable(st, first, nr, out);
+}
+
 void fill_signs(const Stream& st, uint64_t first, int64_t nr, float* __restrict out) {
 #if FSGLD_X86
-  if (kHasAvx512) return fill_signs_avx512(st, first, nr, out);
+  if (cpu_isa() == Isa::kAvx512) return fill_signs_avx512(st, first, nr, out);
+  if (cpu_isa() == Isa::kAvx2) return fill_signs_avx2(st, first, nr, out);
 #endif
-  fill_signs_portable(st, first, nr, out);
+  fill_signs_baseline(st, first, nr, out);
+}
+
+#if FSGLD_X86
+FSGLD_V3 void fill_normals_avx2(Stream st, uint64_t first_block, int64_t nblocks, float* __restrict out,
+                               const PrefetchList* pf) {
+  fill_normals_portable(st, first_block, nblocks, out, pf);
+}
+#endif
+void fill_normals_baseline(Stream st, uint64_t first_block, int64_t nblocks, float* __restrict out,
+                           const PrefetchList* pf) {
+  fill_normals_portable(st, first_block, nblocks, out, pf);
 }
 
 void fill_normals(const Stream& st, uint64_t first_block, int64_t nblocks, float* __restrict out,
                   const PrefetchList* pf) {
 #if FSGLD_X86
-  if (kHasAvx512) return fill_normals_avx512(st, first_block, nblocks, out, pf);
+  if (cpu_isa() == Isa::kAvx512) return fill_normals_avx512(st, first_block, nblocks, out, pf);
+  if (cpu_isa() == Isa::kAvx2) return fill_normals_avx2(st, first_block, nblocks, out, pf);
 #endif
-  fill_normals_portable(st, first_block, nblocks, out, pf);
+  fill_normals_baseline(st, first_block, nblocks, out, pf);
 }
 
 // The noise of global elements [g0, g0 + len) of a stream: normals, or Rademacher signs as +-1.0
@@ -357,7 +408,6 @@ std::vector<int64_t> prefix_numel(at::TensorList ts) {
 #if FSGLD_X86
 #define FSGLD_LOOP_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma,prefer-vector-width=512")))
 #define FSGLD_LOOP_AVX2 __attribute__((target("avx2,fma")))
-const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
 
 // ---- perturb_ --------------------------------------------------------------------------------
@@ -385,8 +435,8 @@ FSGLD_LOOP_AVX2 void perturb_chunk_avx2(S* p, const float* master, const float* 
 template <typename S, bool kMaster>
 void perturb_chunk_isa(S* p, const float* master, const float* eps, int64_t n, math_t<S> sigma) {
 #if FSGLD_X86
-  if (kHasAvx512) return perturb_chunk_avx512<S, kMaster>(p, master, eps, n, sigma);
-  if (kHasAvx2) return perturb_chunk_avx2<S, kMaster>(p, master, eps, n, sigma);
+  if (cpu_isa() == Isa::kAvx512) return perturb_chunk_avx512<S, kMaster>(p, master, eps, n, sigma);
+  if (cpu_isa() == Isa::kAvx2) return perturb_chunk_avx2<S, kMaster>(p, master, eps, n, sigma);
 #endif
   perturb_chunk<S, kMaster>(p, master, eps, n, sigma);
 }
@@ -460,8 +510,8 @@ template <typename S, typename B, bool kMaster, bool kMomentum>
 void step_chunk_isa(S* p, const S* g, B* buf, float* master, const float* eps_k, const float* xi,
                     const float* eps_n, int64_t n, const StepCoeffs<math_t<S>>& c) {
 #if FSGLD_X86
-  if (kHasAvx512) return step_chunk_avx512<S, B, kMaster, kMomentum>(p, g, buf, master, eps_k, xi, eps_n, n, c);
-  if (kHasAvx2) return step_chunk_avx2<S, B, kMaster, kMomentum>(p, g, buf, master, eps_k, xi, eps_n, n, c);
+  if (cpu_isa() == Isa::kAvx512) return step_chunk_avx512<S, B, kMaster, kMomentum>(p, g, buf, master, eps_k, xi, eps_n, n, c);
+  if (cpu_isa() == Isa::kAvx2) return step_chunk_avx2<S, B, kMaster, kMomentum>(p, g, buf, master, eps_k, xi, eps_n, n, c);
 #endif
   step_chunk<S, B, kMaster, kMomentum>(p, g, buf, master, eps_k, xi, eps_n, n, c);
 }
@@ -563,7 +613,7 @@ void philox_words_cpu(at::Tensor out, int64_t seed, int64_t param_id, int64_t st
   const int64_t n = out.size(0);
   int64_t b = 0;
 #if FSGLD_X86
-  if (kHasAvx512) {
+  if (cpu_isa() == Isa::kAvx512) {
     for (; b + 16 <= n; b += 16) words16_avx512(st, (uint64_t)(first_block + b), o + 4 * b);
   }
 #endif
@@ -576,6 +626,11 @@ void philox_words_cpu(at::Tensor out, int64_t seed, int64_t param_id, int64_t st
 }
 
 }  // namespace
+
+// The path this process's CPU kernels take (tests assert that FSGLD_CPU_ISA reached it).
+std::string cpu_isa_name() { return kIsaNames[static_cast<int>(cpu_isa())]; }
+
+TORCH_LIBRARY_FRAGMENT(fsgld, m) { m.def(fsgld::schema::kCpuIsa, &cpu_isa_name); }
 
 TORCH_LIBRARY_IMPL(fsgld, CPU, m) {
   m.impl("philox_words_", &philox_words_cpu);

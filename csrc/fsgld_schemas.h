@@ -32,5 +32,8 @@ constexpr const char* kNormals = "normals_(Tensor(a!) out, int seed, int param_i
 constexpr const char* kPhiloxWords =
     "philox_words_(Tensor(a!) out, int seed, int param_id, int step, int kind, int first_block) -> ()";
 
+// The instruction set the CPU kernels run with: "avx512", "avx2" or "baseline" (FSGLD_CPU_ISA caps it).
+constexpr const char* kCpuIsa = "cpu_isa() -> str";
+
 }  // namespace schema
 }  // namespace fsgld

@@ -201,12 +201,13 @@ def test_cpu_kernel_is_independent_of_the_thread_count(threads):
     assert all(torch.equal(a, b) for a, b in zip(params, expected))
 
 
-_PORTABLE_PATH_CHECK = r"""
+_ISA_PATH_CHECK = r"""
 import sys
 import torch
 from fsgld_fused import reference as R
 from fsgld_fused._ops import cpu_ops as ext
 from fsgld_fused.testing import NOISE_ATOL, assert_step_close
+assert torch.ops.fsgld.cpu_isa() == ISA, torch.ops.fsgld.cpu_isa()
 n = 4099
 torch.testing.assert_close(ext.normals(2**64 - 7, 3, 11, 1, n, 5), R.normals(2**64 - 7, 3, 11, 1, n, 5), atol=NOISE_ATOL, rtol=0)
 words = ext.philox_words(seed=7, pid=2, step=9, kind=0, first_block=2**32 - 3, nblocks=40)
@@ -222,19 +223,42 @@ for a, b in zip(ps, rs):
     assert_step_close(a, b, 0.07)
 sys.path.insert(0, TESTS_DIR)
 import _op_paths
-_op_paths.check_all(ext)
-print("portable path ok")
+_op_paths.check_all(ext)  # Gaussian: every op, shard offsets, masters, momentum, grad scales
+import test_rademacher as TR  # Rademacher: every op bit for bit, boundaries and sub-streams
+for case in TR.CASES:
+    for substream in (0, 3):
+        TR.test_perturb_and_restore_bit_for_bit("cpu", case, substream)
+    for momentum in (0.0, 0.9):
+        TR.test_fused_step_with_signs_bit_for_bit("cpu", case, momentum)
+TR.test_capturable_form_with_signs_bit_for_bit("cpu")
+print("isa path ok")
 """
 
 
-@pytest.mark.skipif("cpu" not in KERNEL_BACKENDS, reason="C++ extension not built")
-def test_cpu_portable_path_without_avx512():
-    # This machine may have AVX-512: force the path every other x86-64 CPU takes.
-    env = {**os.environ, "FSGLD_CPU_NO_AVX512": "1"}
+def _run_with_isa(isa, code):
+    env = {**os.environ, "FSGLD_CPU_ISA": isa}
     tests_dir = os.path.dirname(os.path.abspath(__file__))
-    code = f"TESTS_DIR = {tests_dir!r}\n" + _PORTABLE_PATH_CHECK
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and "portable path ok" in res.stdout, res.stderr[-3000:]
+    code = f"TESTS_DIR = {tests_dir!r}\nISA = {isa!r}\n" + code
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+# The widest path is the one every other test runs in this process; the narrower ones (what a CPU
+# without AVX-512, or without AVX2, takes) run here, each forced with FSGLD_CPU_ISA.
+_ISAS = ["avx512", "avx2", "baseline"]
+_BEST_ISA = torch.ops.fsgld.cpu_isa() if "cpu" in KERNEL_BACKENDS else "baseline"
+
+
+@pytest.mark.skipif("cpu" not in KERNEL_BACKENDS, reason="C++ extension not built")
+@pytest.mark.parametrize("isa", [isa for isa in _ISAS[_ISAS.index(_BEST_ISA) + 1:]] or ["baseline"])
+def test_cpu_isa_paths_match_the_reference(isa):
+    res = _run_with_isa(isa, _ISA_PATH_CHECK)
+    assert res.returncode == 0 and "isa path ok" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.skipif("cpu" not in KERNEL_BACKENDS, reason="C++ extension not built")
+def test_cpu_isa_refuses_an_unknown_name():
+    res = _run_with_isa("sse9", "import torch, fsgld_fused._ops\ntorch.ops.fsgld.cpu_isa()")
+    assert res.returncode != 0 and "FSGLD_CPU_ISA=sse9: use avx512, avx2 or baseline" in res.stderr, res.stderr[-2000:]
 
 
 @pytest.mark.skipif("cpu" not in KERNEL_BACKENDS, reason="C++ extension not built")
