@@ -15,6 +15,11 @@ One step of fSGLD for the weights theta (what `fused_step_` does to each element
 eps is Gaussian (`normals`) or, with `perturbation="rademacher"`, random signs (`rademacher`,
 SPEC 2b); the Langevin noise xi is always Gaussian. Sub-stream j of several perturbations per step
 (`n_pert`) is the same stream shifted by `substream_offset(j, ...)` elements.
+
+`stochastic_rounding=True` (SPEC 2c; bf16 params without masters only): the float32 result is
+rounded to bf16 up or down at random (`round_bf16_stochastic`, bits from `rounding_bits`), and the
+Langevin std shrinks per element to leave room for the rounding's own variance
+(`compensated_noise_std`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ __all__ = [
     "normals",
     "rademacher",
     "substream_offset",
+    "rounding_bits",
+    "round_bf16_stochastic",
+    "bf16_ulp",
+    "compensated_noise_std",
     "perturb_",
     "restore_",
     "fused_step_",
@@ -117,6 +126,60 @@ def substream_offset(j: int, rademacher_eps: bool) -> int:
     return j << (48 + (7 if rademacher_eps else 2))
 
 
+# ---- SPEC 2c: stochastic rounding of bf16 params without masters ---------------------------------
+FUSED_STEP_OP, PERTURB_OP, RESTORE_OP = 0, 1, 2  # the `op` of each call's rounding sub-stream
+
+
+def rounding_bits(seed: int, pid: int, step: int, op: int, numel: int, offset: int = 0) -> torch.Tensor:
+    """16 random bits (int64 in [0, 2**16)) per element: eight elements per Philox call of the
+    Langevin kind, sub-stream 0xffff - op in bits 16..31 of counter word 1 (no other draw uses it)."""
+    if numel == 0:
+        return torch.empty(0, dtype=torch.int64)
+    first, last = offset // 8, (offset + numel - 1) // 8
+    block = torch.arange(first, last + 1, dtype=torch.int64)
+    counter = (block & _MASK32, (block >> 32) | ((0xFFFF - op) << 16), step & _MASK32, ((pid << 1) | XI) & _MASK32)
+    words = torch.stack(philox4x32(counter, (seed & _MASK32, seed >> 32)), dim=1)  # (blocks, 4)
+    halves = torch.stack((words & 0xFFFF, words >> 16), dim=2).reshape(-1)  # element e: word e // 2, half e % 2
+    start = offset - 8 * first
+    return halves[start : start + numel]
+
+
+def round_bf16_stochastic(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """float32 x -> bf16, up or down with the probability that makes it unbiased: add the 16 random
+    bits below bf16's last mantissa bit and truncate. Non-finite x, or a finite x that would become
+    infinite, rounds to nearest."""
+    x = x.to(torch.float32).contiguous()
+    b = ((x.view(torch.int32).to(torch.int64) & _MASK32) + bits.view(x.shape)) & _MASK32
+    hi = b >> 16
+    out = (hi - ((hi >> 15) << 16)).to(torch.int16).view(torch.bfloat16)  # the top half, as bf16 bits
+    finite = torch.isfinite(x)
+    return torch.where(~finite | (torch.isinf(out) & finite), x.to(torch.bfloat16), out)
+
+
+def bf16_ulp(theta: torch.Tensor) -> torch.Tensor:
+    """ulp of bf16 at float32 theta: 2**(e - 7), e = theta's unbiased float32 exponent; 2**-133 below
+    2**-126 (where the biased exponent is 0, the formula at e = -126 gives the same)."""
+    biased = (theta.to(torch.float32).contiguous().view(torch.int32) >> 23) & 0xFF
+    return torch.ldexp(torch.ones_like(theta, dtype=torch.float32), biased.clamp(min=1) - 134)
+
+
+def compensated_noise_std(theta: torch.Tensor, noise_std: float) -> torch.Tensor:
+    """sqrt(max(0, noise_std**2 - ulp(theta)**2 / 6)) in float32: the Langevin std that, with the
+    rounding's variance (ulp**2 / 6 on average), gives the chain its temperature."""
+    std = torch.tensor(noise_std, dtype=torch.float32)
+    ulp = bf16_ulp(theta)
+    return torch.sqrt(torch.clamp(std * std - ulp * ulp * torch.tensor(1.0 / 6.0, dtype=torch.float32), min=0.0))
+
+
+def _stochastic(p: torch.Tensor, masters, stochastic_rounding: bool) -> bool:
+    return stochastic_rounding and p.dtype == torch.bfloat16 and not masters
+
+
+def _write_rounded_(p, theta, seed, pid, step, op, off):
+    bits = rounding_bits(seed, pid, step, op, p.numel(), off).to(p.device)
+    p.copy_(round_bf16_stochastic(theta, bits).view(p.shape))
+
+
 def _noise_like(p: torch.Tensor, seed: int, pid: int, step: int, kind: int, offset: int, signs: bool = False):
     draw = rademacher(seed, pid, step, p.numel(), offset) if signs else normals(seed, pid, step, kind, p.numel(), offset)
     return draw.to(p.device).view(p.shape)
@@ -140,16 +203,22 @@ def perturb_(
     masters: Sequence[torch.Tensor] = (),
     step_t: Optional[torch.Tensor] = None,
     rademacher: bool = False,
+    stochastic_rounding: bool = False,
+    _op: int = PERTURB_OP,
 ) -> None:
     """theta += sigma * eps_step. With fp32 masters: theta = round(master + sigma * eps_step).
     step_t (capturable form): a one-element int64 tensor that replaces `step`.
-    rademacher: eps is random signs (SPEC 2b) instead of normals."""
+    rademacher: eps is random signs (SPEC 2b) instead of normals.
+    stochastic_rounding: bf16 params without masters are rounded stochastically (SPEC 2c)."""
     step = step if step_t is None else int(step_t)
     offs = _offsets(params, offsets)
     for i, (p, pid, off) in enumerate(zip(params, param_ids, offs)):
         clean = masters[i] if masters else p.to(_math_dtype(p))
         eps = _noise_like(p, seed, pid, step, EPS, off, rademacher).to(clean.dtype)
-        p.copy_(clean + sigma * eps)
+        if _stochastic(p, masters, stochastic_rounding):
+            _write_rounded_(p, clean + sigma * eps, seed, pid, step, _op, off)
+        else:
+            p.copy_(clean + sigma * eps)
 
 
 def restore_(
@@ -162,14 +231,17 @@ def restore_(
     masters: Sequence[torch.Tensor] = (),
     step_t: Optional[torch.Tensor] = None,
     rademacher: bool = False,
+    stochastic_rounding: bool = False,
 ) -> None:
     """Undo perturb_ (same seed, step, sigma, distribution): theta -= sigma * eps_step; with
-    masters, copy back."""
+    masters, copy back. Stochastic rounding (SPEC 2c) draws its own bits (op 2): the restore is
+    then exact only in expectation."""
     if masters:
         for p, m in zip(params, masters):
             p.copy_(m)
         return
-    perturb_(params, param_ids, seed, step, -sigma, offsets, step_t=step_t, rademacher=rademacher)
+    perturb_(params, param_ids, seed, step, -sigma, offsets, step_t=step_t, rademacher=rademacher,
+             stochastic_rounding=stochastic_rounding, _op=RESTORE_OP)
 
 
 def fused_step_(
@@ -193,6 +265,7 @@ def fused_step_(
     lr_t: Optional[torch.Tensor] = None,
     restore_rademacher: bool = False,
     perturb_rademacher: bool = False,
+    stochastic_rounding: bool = False,
 ) -> None:
     """SPEC section 3 for every tensor of the list; math in float32 (float64 params: float64).
 
@@ -202,6 +275,8 @@ def fused_step_(
     Capturable form: step_t (int64) replaces `step`; lr_t (float32) replaces `lr`, and the
     Langevin std is then float32(noise_std) * sqrt(lr_t) (pass noise_std = sqrt(2 / beta)).
     restore_rademacher / perturb_rademacher: eps_k / eps_{k+1} are signs (SPEC 2b), not normals.
+    stochastic_rounding (SPEC 2c): a bf16 param without a master gets the Langevin std
+    `compensated_noise_std(theta, noise_std)` and is written rounded stochastically.
     """
     if found_inf is not None and float(found_inf) != 0.0:
         return  # AMP overflow: nothing changes, not even the perturbation
@@ -221,6 +296,8 @@ def fused_step_(
             theta = p.to(math_dtype)
             if restore_sigma != 0.0:
                 theta = theta - restore_sigma * noise(step, EPS, restore_rademacher)
+        stochastic = _stochastic(p, masters, stochastic_rounding)  # std from the clean theta (SPEC 2c)
+        std = compensated_noise_std(theta, noise_std) if stochastic else noise_std
         d = g.to(math_dtype)
         if inv_scale is not None:
             d = d * inv_scale.to(d.device, math_dtype)
@@ -232,9 +309,12 @@ def fused_step_(
             d = buf.to(math_dtype)
         theta = theta - lr * d
         if noise_std != 0.0:
-            theta = theta + noise_std * noise(step, XI)
+            theta = theta + std * noise(step, XI)
         if masters:
             masters[i].copy_(theta)
         if perturb_sigma != 0.0:
             theta = theta + perturb_sigma * noise(step + 1, EPS, perturb_rademacher)
-        p.copy_(theta)
+        if stochastic:
+            _write_rounded_(p, theta, seed, pid, step, FUSED_STEP_OP, off)
+        else:
+            p.copy_(theta)
