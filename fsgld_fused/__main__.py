@@ -1,8 +1,10 @@
-"""`python -m fsgld_fused [main|check|bench|demo]`.
+"""`python -m fsgld_fused [main|check|bench|demo|sass]`.
 
 main (the default): check, then bench --quick, then demo --quick (a part whose optional
-dependency is missing is skipped with a message).
+dependency is missing is skipped with a message), ending in one summary line.
 check: every backend present against the reference, and a step timed against torch.optim.
+bench: one step against torch.optim at several sizes (JSON + PNG). demo: posterior sampling on
+digits. sass: static GPU instruction counts of the step kernels (no GPU needed).
 """
 
 from __future__ import annotations
@@ -117,9 +119,9 @@ def check(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(prog="python -m fsgld_fused", description=__doc__, formatter_class=fmt)
-    sub = parser.add_subparsers(dest="command", metavar="{main,check,bench,demo}")
+    fmt = _cli.HelpFormatter
+    parser = _cli.Parser(prog="python -m fsgld_fused", description=__doc__, formatter_class=fmt)
+    sub = parser.add_subparsers(dest="command", metavar="{main,check,bench,demo,sass}")
     sub.add_parser("main", help="the main job (also the default): check, then bench --quick, then demo --quick",
                    formatter_class=fmt)
     p = sub.add_parser("check", formatter_class=fmt,
@@ -159,15 +161,20 @@ def main(argv=None) -> int:
 
 def main_job() -> int:
     """check, then bench --quick, then demo --quick, on this machine's default backend. The
-    figures come first; a part whose optional dependency is missing is skipped, not fatal."""
-    rc = 0
+    figures come first; a part whose optional dependency is missing is skipped, not fatal. The
+    last line is the verdict and each part's status."""
+    rc, status = 0, []
     for argv in (["check"], ["bench", "--quick"], ["demo", "--quick"]):
         print(f"\n===== python -m fsgld_fused {' '.join(argv)} =====", flush=True)
         try:
             args = build_parser().parse_args(argv)
-            rc |= args.func(args)
+            part = args.func(args)
+            status.append(f"{argv[0]} {'PASS' if part == 0 else 'FAIL'}")
+            rc |= part
         except ModuleNotFoundError as exc:
             print(f"skipped `{' '.join(argv)}`: {exc}", flush=True)
+            status.append(f"{argv[0]} skipped ({exc.name or 'a module'} missing)")
+    print(f"\nmain job: {'PASS' if rc == 0 else 'FAIL'} ({', '.join(status)})", flush=True)
     return rc
 
 

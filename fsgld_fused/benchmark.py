@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import io
 import json
 import math
 import os
@@ -170,12 +171,8 @@ def environment(device: torch.device) -> dict:
 
 
 def write_json(path: str, result: dict) -> None:
-    """Replace `path` atomically: a reader (or a kill) never sees half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, path)
+    """Replace `path` atomically (a reader, or a kill, never sees half a file); a regular file only."""
+    _cli.replace_file(path, json.dumps(result, indent=1))
 
 
 # ---- variants ---------------------------------------------------------------------------------------
@@ -251,19 +248,26 @@ def _free(device, between_rows: bool = False) -> None:
         gc.collect()
 
 
+def settings(args: argparse.Namespace, device: torch.device) -> tuple[list[int], int, set[str]]:
+    """Sizes, repeat and extra variants: --quick only changes the defaults, an option given stands."""
+    if args.sizes is not None:
+        sizes = list(args.sizes)
+    elif args.quick:
+        sizes = [1 << 20, 1 << 22]
+    else:
+        sizes = [1 << 24, 1 << 27, 1 << 30] if device.type == "cuda" else [1 << 20, 1 << 22, 1 << 24, 1 << 26]
+    repeat = args.repeat if args.repeat is not None else 3 if args.quick else 7
+    if args.include is not None:
+        include = set(filter(None, args.include.split(",")))
+    else:  # Inductor's C++ compile of 100 tensors takes minutes on 2 cores
+        include = set() if args.quick and device.type == "cpu" else {"compile"}
+    return sizes, repeat, include
+
+
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     start = time.monotonic()
-    if args.quick:
-        sizes = [1 << 20, 1 << 22]
-        repeat = 3
-    else:
-        sizes = list(args.sizes) if args.sizes else (
-            [1 << 24, 1 << 27, 1 << 30] if device.type == "cuda" else [1 << 20, 1 << 22, 1 << 24, 1 << 26])
-        repeat = args.repeat
-    include = set(filter(None, args.include.split(",")))
-    if args.quick and device.type == "cpu":
-        include.discard("compile")  # Inductor's C++ compile of 100 tensors takes minutes on 2 cores
+    sizes, repeat, include = settings(args, device)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     for d in dtypes:
         if d not in DTYPES:
@@ -414,32 +418,42 @@ def plot(result: dict, path: str) -> Optional[str]:
     fig.suptitle(f"one optimizer step, {dtype} {layout} tensor list: {result['device']}, "
                  f"torch {result['versions']['torch']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    _cli.replace_file(path, png.getvalue())
     return None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=_cli.device, default=_cli.default_device(), help="cpu, cuda or cuda:N")
-    p.add_argument("--sizes", type=_cli.size_list, default=[],
+    p.add_argument("--sizes", type=_cli.size_list,
                    help="comma-separated parameter counts, K/M/G suffixes allowed (default: 16M,128M,1G on "
-                        "cuda; 1M,4M,16M,64M on cpu)")
+                        "cuda; 1M,4M,16M,64M on cpu; 1M,4M with --quick)")
     p.add_argument("--layout", choices=["transformer", "flat", "both"], default="both",
                    help="~100 transformer-shaped tensors, one flat tensor, or both")
     p.add_argument("--dtypes", default="float32",
                    help="comma-separated: float32, bfloat16 (bf16 params; FSGLD with fp32 master weights)")
-    p.add_argument("--repeat", type=_cli.positive_int, default=7, help="timed steps per variant (after 2 warm-ups)")
-    p.add_argument("--include", default="compile", help="extra variants, comma-separated: compile, reference")
-    p.add_argument("--quick", action="store_true", help="CI-sized: 1M and 4M params, 3 repeats")
+    p.add_argument("--repeat", type=_cli.positive_int,
+                   help="timed steps per variant, after 2 warm-ups (default: 7; 3 with --quick)")
+    p.add_argument("--include", help="extra variants, comma-separated: compile, reference; '' for none "
+                                     "(default: compile; none with --quick on cpu)")
+    p.add_argument("--quick", action="store_true",
+                   help="CI-sized defaults: 1M and 4M params, 3 repeats, no compile on cpu (options given still hold)")
     p.add_argument("--budget-s", type=float, default=0.0,
                    help="skip the rows that would start after this many seconds (0: no limit); the JSON says so")
-    p.add_argument("--out", default="bench/results/latest.json",
-                   help="JSON path, rewritten after every row (the PNG goes beside it at the end)")
+    p.add_argument("--out", type=_cli.output_file, default="bench/results/latest.json",
+                   help="JSON path (a regular file or a new one), rewritten after every row; the PNG goes "
+                        "beside it at the end")
 
 
 def main(args: argparse.Namespace) -> int:
-    result = run(args)
     png = os.path.splitext(args.out)[0] + ".png"
+    try:
+        _cli.check_output_file(png)  # refused before any work, like --out itself
+    except ValueError as exc:
+        _cli.fail(f"bench: the plot beside --out: {exc}")
+    result = run(args)
     err = plot(result, png)
     print(f"\nwrote {args.out}" + (f" and {png}" if err is None else f" ({err})"))
     print_table(result)
@@ -466,6 +480,6 @@ def print_table(result: dict, variants: Optional[set[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _cli.Parser(formatter_class=_cli.HelpFormatter)
     add_arguments(parser)
     sys.exit(main(parser.parse_args()))
