@@ -16,7 +16,7 @@ import sys
 import torch
 
 from . import _backends, _cli, benchmark, demo, reference, sass
-from .baselines import NaiveFSGLD, median, time_fn
+from .baselines import NaiveFSGLD, measure, spread_hides_difference
 from .optimizer import FSGLD
 
 
@@ -76,13 +76,13 @@ def check(args: argparse.Namespace) -> int:
     numel = sum(p.numel() for p in params)
     print(f"\ntiming one step over {numel:,} float32 params in {n_tensors} tensors on {device}")
 
-    rows = []  # (variant, max |err| vs reference or '', median seconds)
+    rows = []  # (variant, max |err| vs reference or '', Measurement)
     for name, kw in (("SGD for-loop", dict(foreach=False)), ("SGD foreach", dict(foreach=True)), ("SGD fused", dict(fused=True))):
         ps = _clone_with_grads(params, grads)
         opt = torch.optim.SGD(ps, lr=1e-3, **kw)
-        rows.append((f"torch.optim.{name}", "", median(time_fn(opt.step, device))))
+        rows.append((f"torch.optim.{name}", "", measure(opt.step, device, repeat=7)))
     naive = NaiveFSGLD(_clone_with_grads(params, grads), lr=1e-3, beta=1e6, sigma=0.02)
-    rows.append(("naive eager fSGLD", "", median(time_fn(naive.step, device))))
+    rows.append(("naive eager fSGLD", "", measure(naive.step, device, repeat=7)))
 
     failed = False
     for name, reason in avail.items():
@@ -98,13 +98,23 @@ def check(args: argparse.Namespace) -> int:
             err = f"{err:.2e}"
         ps = _clone_with_grads(params, grads)
         opt = FSGLD(ps, lr=1e-3, beta=1e6, sigma=0.02, backend=name, seed=1)
-        repeat = 2 if name == "reference" else 5
-        rows.append((f"FSGLD backend={name}", err, median(time_fn(opt.step, device, warmup=1, repeat=repeat))))
+        repeat = 3 if name == "reference" else 7
+        rows.append((f"FSGLD backend={name}", err, measure(opt.step, device, warmup=1, repeat=repeat)))
 
     base = rows[2][2]  # SGD fused
-    print(f"\n{'variant':28s} {f'max |err| (pass <= {CHECK_TOLERANCE:g})':>24s} {'ms/step':>10s} {'x SGD fused':>12s}")
-    for name, err, t in rows:
-        print(f"{name:28s} {err:>24s} {t * 1e3:10.2f} {t / base:12.2f}")
+    print(f"\n{'variant':28s} {f'max |err| (pass <= {CHECK_TOLERANCE:g})':>24s} {'median ms':>10s} {'IQR ms':>8s} "
+          f"{'x SGD fused':>12s}")
+    unresolved = False
+    for name, err, m in rows:
+        flag = name != "torch.optim.SGD fused" and spread_hides_difference(m, base)
+        unresolved |= flag
+        print(f"{name:28s} {err:>24s} {m.median * 1e3:10.2f} {m.iqr * 1e3:8.2f} {m.median / base.median:11.2f}"
+              f"{'~' if flag else ' '}")
+    print(f"timing: {len(base.times)} steps per row after warm-up ({numel:,} params, {torch.get_num_threads()} "
+          "threads); a CPU figure, not a GPU one")
+    if unresolved:
+        print("~: the IQRs of the row and of SGD fused together exceed their difference: this run does not "
+              "resolve that ratio (a loaded machine?); `python -m fsgld_fused bench` times more steps")
     compared = sum(1 for _, err, _ in rows if err not in ("", "(is the reference)"))
     if failed:
         print(f"\nFAIL: a backend differs from the reference by more than {CHECK_TOLERANCE:g} (4 fused steps, "

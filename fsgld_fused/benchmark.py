@@ -41,7 +41,7 @@ from typing import Callable, Optional
 import torch
 
 from . import _backends, _cli
-from .baselines import NaiveFSGLD, time_fn
+from .baselines import NaiveFSGLD, measure, time_fn
 from .optimizer import FSGLD
 
 SCHEMA = "fsgld-bench/2"
@@ -232,10 +232,8 @@ def variants(params, grads, device, include: set[str],
 
 
 def _time_row(step: Callable[[], object], device, repeat: int) -> dict:
-    times = time_fn(step, device, repeat=repeat)
-    med = statistics.median(times)
-    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [med, med, med]
-    return {"median_s": med, "min_s": min(times), "iqr_s": q[2] - q[0], "samples": len(times)}
+    m = measure(step, device, repeat=repeat)
+    return {"median_s": m.median, "min_s": min(m.times), "iqr_s": m.iqr, "samples": len(m.times)}
 
 
 def _free(device, between_rows: bool = False) -> None:
@@ -378,7 +376,10 @@ def _ratios(result: dict) -> None:
             continue
         rows = by_key[(r["dtype"], r["layout"], r["params"])]
         if "SGD fused" in rows:
-            r["x_sgd_fused"] = r["median_s"] / rows["SGD fused"]["median_s"]
+            base = rows["SGD fused"]
+            r["x_sgd_fused"] = r["median_s"] / base["median_s"]
+            # the two IQRs together exceed the difference: this run does not resolve the ratio
+            r["x_sgd_fused_unresolved"] = r["iqr_s"] + base["iqr_s"] > abs(r["median_s"] - base["median_s"])
         if "naive fSGLD (eager)" in rows:
             r["speedup_vs_naive"] = rows["naive fSGLD (eager)"]["median_s"] / r["median_s"]
         copy = rows["device copy"]["achieved_GBps"] if "device copy" in rows else result.get("copy_bandwidth_GBps")
@@ -471,6 +472,9 @@ def print_table(result: dict, variants: Optional[set[str]] = None) -> None:
         print(f"{r['dtype']:8s} {r['layout']:11s} {r['params']:13,d} {r['variant']:28s} {r['median_s'] * 1e3:10.3f} "
               f"{r['iqr_s'] * 1e3:8.3f} {r['bytes_per_param']:7g} {r['achieved_GBps']:7.1f} "
               f"{r.get('copy_fraction', float('nan')):7.2f} {r.get('x_sgd_fused', float('nan')):11.2f}")
+    if any(r.get("x_sgd_fused_unresolved") and r["variant"] != "SGD fused" for r in result["runs"]):
+        print("~: the IQRs of the row and of SGD fused together exceed their difference; this run does not "
+              "resolve that ratio (a loaded machine? raise --repeat)")
     failed = [r for r in result["runs"] if "error" in r]
     for r in failed:
         print(f"FAILED {r['dtype']} {r['layout']} {r['params']:,d} {r['variant']}: {r['error']}")

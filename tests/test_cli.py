@@ -163,3 +163,34 @@ def test_demo_trains_on_one_thread_and_gives_the_threads_back(monkeypatch):
     before = torch.get_num_threads()
     assert cli.main(["demo", "--quick"]) == 0
     assert seen == [1] and torch.get_num_threads() == before
+
+
+def _measurement(times):
+    from torch.utils.benchmark import Measurement
+    from torch.utils.benchmark.utils.common import TaskSpec
+
+    return Measurement(number_per_run=1, raw_times=list(times), task_spec=TaskSpec(stmt="step", setup=""))
+
+
+def test_a_ratio_inside_the_spread_is_flagged(capsys, monkeypatch):
+    from fsgld_fused.baselines import spread_hides_difference
+
+    base = _measurement([1.0, 1.1, 1.2, 1.3, 1.4])  # IQR 0.2
+    assert spread_hides_difference(_measurement([1.3, 1.4, 1.5, 1.6, 1.7]), base)  # 0.3 apart, IQRs 0.4
+    assert not spread_hides_difference(_measurement([1.6, 1.7, 1.8, 1.9, 2.0]), base)  # 0.6 apart
+    assert not spread_hides_difference(_measurement([0.1, 0.1, 0.1, 0.1, 0.1]), base)  # faster, resolved
+
+    for times, flagged in (([1.3, 1.4, 1.5, 1.6, 1.7], True), ([3.0] * 5, False)):
+        calls = []  # check times SGD for-loop, foreach (far from the base here), then fused (the base)
+
+        def fake(fn, *args, times=times, **kw):
+            calls.append(fn)
+            return _measurement([5.0] * 5 if len(calls) < 3 else [1.0, 1.1, 1.2, 1.3, 1.4] if len(calls) == 3 else times)
+
+        monkeypatch.setattr(cli, "measure", fake)
+        monkeypatch.setattr(cli, "_max_err", lambda *args: 0.0)
+        assert cli.main(["check", "--device", "cpu", "--params", "4000", "--tensors", "4"]) == 0
+        out = capsys.readouterr().out
+        assert "IQR ms" in out and ("~: the IQRs of the row and of SGD fused together exceed" in out) == flagged
+        line = next(l for l in out.splitlines() if l.startswith("FSGLD backend=cpu"))
+        assert line.endswith("~") == flagged, line
