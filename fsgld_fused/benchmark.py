@@ -32,7 +32,6 @@ import math
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -41,7 +40,7 @@ from typing import Callable, Optional
 import torch
 
 from . import _backends, _cli
-from .baselines import NaiveFSGLD, measure, time_fn
+from .baselines import NaiveFSGLD, measure
 from .optimizer import FSGLD
 
 SCHEMA = "fsgld-bench/2"
@@ -109,18 +108,17 @@ def copy_bandwidth(device: torch.device, numel: int, repeat: int) -> float:
     """Measured device copy bandwidth in GB/s, counting bytes read plus bytes written."""
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
-    times = time_fn(lambda: dst.copy_(src), device, repeat=repeat)
-    return 2 * 4 * numel / statistics.median(times) / 1e9
+    return 2 * 4 * numel / measure(lambda: dst.copy_(src), device, repeat=repeat).median / 1e9
 
 
 def normals_rate(device: torch.device, numel: int, repeat: int) -> dict[str, float]:
     """Normal variates per second: our stream (cpu or cuda kernel) against torch.randn."""
     out = torch.empty(numel, device=device)
-    rates = {"torch.randn": numel / statistics.median(time_fn(lambda: torch.randn(numel, out=out), device, repeat=repeat))}
+    rates = {"torch.randn": numel / measure(lambda: torch.randn(numel, out=out), device, repeat=repeat).median}
     name = "cpu" if device.type == "cpu" else "cuda"
     if _backends.available_backends()[name] is None:
         fn = lambda: torch.ops.fsgld.normals_(out, 1, 0, 0, 0, 0)  # noqa: E731
-        rates[f"fsgld {name} kernel"] = numel / statistics.median(time_fn(fn, device, repeat=repeat))
+        rates[f"fsgld {name} kernel"] = numel / measure(fn, device, repeat=repeat).median
     return rates
 
 
@@ -454,6 +452,8 @@ def main(args: argparse.Namespace) -> int:
         _cli.check_output_file(png)  # refused before any work, like --out itself
     except ValueError as exc:
         _cli.fail(f"bench: the plot beside --out: {exc}")
+    if os.path.realpath(png) == os.path.realpath(args.out):
+        _cli.fail(f"bench: --out {args.out} is where the plot goes; name the JSON file *.json")
     result = run(args)
     err = plot(result, png)
     print(f"\nwrote {args.out}" + (f" and {png}" if err is None else f" ({err})"))

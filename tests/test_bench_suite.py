@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -17,6 +19,7 @@ def _pytest(*args, **env):
 
 
 def test_bench_suite_writes_pytest_benchmark_json(tmp_path):
+    pytest.importorskip("pytest_benchmark", reason="pytest-benchmark is not installed: nothing to run")
     out = tmp_path / "bench.json"
     rc, log = _pytest("bench/", "--benchmark-only", f"--benchmark-json={out}", "-k", "SGD and fused or FSGLD and cpu",
                       FSGLD_BENCH_SIZES="4K")
