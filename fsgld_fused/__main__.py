@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 import torch
@@ -110,8 +111,13 @@ def check(args: argparse.Namespace) -> int:
         unresolved |= flag
         print(f"{name:28s} {err:>24s} {m.median * 1e3:10.2f} {m.iqr * 1e3:8.2f} {m.median / base.median:11.2f}"
               f"{'~' if flag else ' '}")
+    where = "a CPU figure, not a GPU one" if device.type == "cpu" else "CUDA events"
     print(f"timing: {len(base.times)} steps per row after warm-up ({numel:,} params, {torch.get_num_threads()} "
-          "threads); a CPU figure, not a GPU one")
+          f"threads); {where}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if device.type == "cpu" and load > (os.cpu_count() or 1):
+        print(f"note: load average {load:.1f} on {os.cpu_count()} cores: other processes share them, and CPU "
+              "timings with several threads can be many times slower than on an idle machine")
     if unresolved:
         print("~: the IQRs of the row and of SGD fused together exceed their difference: this run does not "
               "resolve that ratio (a loaded machine?); `python -m fsgld_fused bench` times more steps")

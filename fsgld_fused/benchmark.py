@@ -140,7 +140,9 @@ def environment(device: torch.device) -> dict:
     """Machine, device, driver, versions and commit: what a results file must say about itself."""
     env = {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    # above cpu_count: other processes shared the cores (CPU figures are suspect)
+                    "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
         "device": f"cpu ({platform.machine()})",
         "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()},
         "commit": git_commit(),

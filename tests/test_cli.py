@@ -189,8 +189,10 @@ def test_a_ratio_inside_the_spread_is_flagged(capsys, monkeypatch):
 
         monkeypatch.setattr(cli, "measure", fake)
         monkeypatch.setattr(cli, "_max_err", lambda *args: 0.0)
+        monkeypatch.setattr(cli.os, "getloadavg", lambda flagged=flagged: (100.0 if flagged else 0.0, 0.0, 0.0))
         assert cli.main(["check", "--device", "cpu", "--params", "4000", "--tensors", "4"]) == 0
         out = capsys.readouterr().out
         assert "IQR ms" in out and ("~: the IQRs of the row and of SGD fused together exceed" in out) == flagged
+        assert ("note: load average 100.0" in out) == flagged  # a loaded machine is named
         line = next(l for l in out.splitlines() if l.startswith("FSGLD backend=cpu"))
         assert line.endswith("~") == flagged, line
