@@ -97,3 +97,19 @@ def test_bayesian_block():
     assert len(ns["samples"]) == 12 and not ns["opt"].is_perturbed
     assert ns["log_p_ood"].shape == (8, 3) and 0.0 <= ns["ood"] <= 1.0
     assert math.isfinite(ns["tr_h"]) and math.isfinite(ns["lam"])
+
+
+def test_install_commands_name_extras_that_exist_and_no_index_package():
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        pytest.skip("tomllib needs Python 3.11")
+    extras = set(tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    text = README.read_text()
+    commands = re.findall(r"pip install [^\n`]*", text)
+    assert commands
+    for cmd in commands:
+        # the package is on no index: a requirement by name needs a path or a git URL
+        assert not re.search(r'(?<![@\w/.])"?fsgld-fused(\[[\w,]+\])?"?(\s|$)', cmd) or "@ git+" in cmd, cmd
+        for group in re.findall(r"\[([\w,]+)\]", cmd):
+            assert set(group.split(",")) <= extras, (cmd, extras)
