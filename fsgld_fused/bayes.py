@@ -105,7 +105,8 @@ class SampleCollector:
 def bma_log_probs(model: torch.nn.Module, samples: Iterable[dict[str, torch.Tensor]], x: torch.Tensor) -> torch.Tensor:
     """log of the sample-averaged predictive probabilities, computed in log space:
     logsumexp_s(log_softmax(f_s(x))) - log S. Each sample runs through torch.func.functional_call:
-    the model's own weights are never touched."""
+    the model's own weights are never touched. One sample at a time, not vmap over stacked samples:
+    a SampleCollector on disk yields them one by one, and memory stays one model's worth."""
     total, count = None, 0
     for sd in samples:
         lp = torch.log_softmax(functional_call(model, sd, (x,), strict=True).float(), dim=-1)
