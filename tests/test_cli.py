@@ -105,7 +105,8 @@ def test_noise_must_be_a_fraction(capsys):
 
 
 def test_help_shows_every_option_with_its_default(capsys):
-    for command, options in (("check", ["--params", "--tensors"]), ("bench", ["--repeat", "--layout", "--dtypes", "--sizes", "--include"]),
+    bench_options = ["--repeat", "--layout", "--dtypes", "--sizes", "--include"]
+    for command, options in (("check", ["--params", "--tensors"]), ("bench", bench_options),
                              ("demo", ["--lr", "--noise", "--epochs"])):
         with pytest.raises(SystemExit):
             cli.main([command, "--help"])
@@ -185,7 +186,8 @@ def test_a_ratio_inside_the_spread_is_flagged(capsys, monkeypatch):
 
         def fake(fn, *args, times=times, **kw):
             calls.append(fn)
-            return _measurement([5.0] * 5 if len(calls) < 3 else [1.0, 1.1, 1.2, 1.3, 1.4] if len(calls) == 3 else times)
+            base_times = [1.0, 1.1, 1.2, 1.3, 1.4]
+            return _measurement([5.0] * 5 if len(calls) < 3 else base_times if len(calls) == 3 else times)
 
         monkeypatch.setattr(cli, "measure", fake)
         monkeypatch.setattr(cli, "_max_err", lambda *args: 0.0)
