@@ -5,15 +5,11 @@
     python bench/run_bench.py --device cuda                 # 16M, 128M, 1G params on a GPU
 """
 
-import argparse
 import sys
 
-from fsgld_fused import benchmark
+from fsgld_fused import _cli, benchmark
 
 if __name__ == "__main__":
-    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-        """The usage examples as written, every option with its default."""
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    parser = _cli.Parser(description=__doc__, formatter_class=_cli.HelpFormatter)
     benchmark.add_arguments(parser)
     sys.exit(benchmark.main(parser.parse_args()))

@@ -1,20 +1,23 @@
-"""`python -m fsgld_fused [main|check|bench|demo]`.
+"""`python -m fsgld_fused [main|check|bench|demo|sass]`.
 
 main (the default): check, then bench --quick, then demo --quick (a part whose optional
-dependency is missing is skipped with a message).
+dependency is missing is skipped with a message), ending in one summary line.
 check: every backend present against the reference, and a step timed against torch.optim.
+bench: one step against torch.optim at several sizes (JSON + PNG). demo: posterior sampling on
+digits. sass: static GPU instruction counts of the step kernels (no GPU needed).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 import torch
 
 from . import _backends, _cli, benchmark, demo, reference, sass
-from .baselines import NaiveFSGLD, median, time_fn
+from .baselines import NaiveFSGLD, measure, spread_hides_difference
 from .optimizer import FSGLD
 
 
@@ -74,13 +77,13 @@ def check(args: argparse.Namespace) -> int:
     numel = sum(p.numel() for p in params)
     print(f"\ntiming one step over {numel:,} float32 params in {n_tensors} tensors on {device}")
 
-    rows = []  # (variant, max |err| vs reference or '', median seconds)
+    rows = []  # (variant, max |err| vs reference or '', Measurement)
     for name, kw in (("SGD for-loop", dict(foreach=False)), ("SGD foreach", dict(foreach=True)), ("SGD fused", dict(fused=True))):
         ps = _clone_with_grads(params, grads)
         opt = torch.optim.SGD(ps, lr=1e-3, **kw)
-        rows.append((f"torch.optim.{name}", "", median(time_fn(opt.step, device))))
+        rows.append((f"torch.optim.{name}", "", measure(opt.step, device, repeat=7)))
     naive = NaiveFSGLD(_clone_with_grads(params, grads), lr=1e-3, beta=1e6, sigma=0.02)
-    rows.append(("naive eager fSGLD", "", median(time_fn(naive.step, device))))
+    rows.append(("naive eager fSGLD", "", measure(naive.step, device, repeat=7)))
 
     failed = False
     for name, reason in avail.items():
@@ -96,13 +99,28 @@ def check(args: argparse.Namespace) -> int:
             err = f"{err:.2e}"
         ps = _clone_with_grads(params, grads)
         opt = FSGLD(ps, lr=1e-3, beta=1e6, sigma=0.02, backend=name, seed=1)
-        repeat = 2 if name == "reference" else 5
-        rows.append((f"FSGLD backend={name}", err, median(time_fn(opt.step, device, warmup=1, repeat=repeat))))
+        repeat = 2 if name == "reference" else 7  # the reference takes seconds per step at 4M
+        rows.append((f"FSGLD backend={name}", err, measure(opt.step, device, warmup=1, repeat=repeat)))
 
     base = rows[2][2]  # SGD fused
-    print(f"\n{'variant':28s} {f'max |err| (pass <= {CHECK_TOLERANCE:g})':>24s} {'ms/step':>10s} {'x SGD fused':>12s}")
-    for name, err, t in rows:
-        print(f"{name:28s} {err:>24s} {t * 1e3:10.2f} {t / base:12.2f}")
+    print(f"\n{'variant':28s} {f'max |err| (pass <= {CHECK_TOLERANCE:g})':>24s} {'median ms':>10s} {'IQR ms':>8s} "
+          f"{'x SGD fused':>12s}")
+    unresolved = False
+    for name, err, m in rows:
+        flag = name != "torch.optim.SGD fused" and spread_hides_difference(m, base)
+        unresolved |= flag
+        print(f"{name:28s} {err:>24s} {m.median * 1e3:10.2f} {m.iqr * 1e3:8.2f} {m.median / base.median:11.2f}"
+              f"{'~' if flag else ' '}")
+    where = "a CPU figure, not a GPU one" if device.type == "cpu" else "CUDA events"
+    print(f"timing: {len(base.times)} steps per row after warm-up, the reference 2 ({numel:,} params, "
+          f"{torch.get_num_threads()} threads); {where}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if device.type == "cpu" and load > (os.cpu_count() or 1):
+        print(f"note: load average {load:.1f} on {os.cpu_count()} cores: other processes share them, and CPU "
+              "timings with several threads can be many times slower than on an idle machine")
+    if unresolved:
+        print("~: the IQRs of the row and of SGD fused together exceed their difference: this run does not "
+              "resolve that ratio (a loaded machine?); `python -m fsgld_fused bench` times more steps")
     compared = sum(1 for _, err, _ in rows if err not in ("", "(is the reference)"))
     if failed:
         print(f"\nFAIL: a backend differs from the reference by more than {CHECK_TOLERANCE:g} (4 fused steps, "
@@ -117,9 +135,9 @@ def check(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(prog="python -m fsgld_fused", description=__doc__, formatter_class=fmt)
-    sub = parser.add_subparsers(dest="command", metavar="{main,check,bench,demo}")
+    fmt = _cli.HelpFormatter
+    parser = _cli.Parser(prog="python -m fsgld_fused", description=__doc__, formatter_class=fmt)
+    sub = parser.add_subparsers(dest="command", metavar="{main,check,bench,demo,sass}")
     sub.add_parser("main", help="the main job (also the default): check, then bench --quick, then demo --quick",
                    formatter_class=fmt)
     p = sub.add_parser("check", formatter_class=fmt,
@@ -159,15 +177,20 @@ def main(argv=None) -> int:
 
 def main_job() -> int:
     """check, then bench --quick, then demo --quick, on this machine's default backend. The
-    figures come first; a part whose optional dependency is missing is skipped, not fatal."""
-    rc = 0
+    figures come first; a part whose optional dependency is missing is skipped, not fatal. The
+    last line is the verdict and each part's status."""
+    rc, status = 0, []
     for argv in (["check"], ["bench", "--quick"], ["demo", "--quick"]):
         print(f"\n===== python -m fsgld_fused {' '.join(argv)} =====", flush=True)
         try:
             args = build_parser().parse_args(argv)
-            rc |= args.func(args)
+            part = args.func(args)
+            status.append(f"{argv[0]} {'PASS' if part == 0 else 'FAIL'}")
+            rc |= part
         except ModuleNotFoundError as exc:
             print(f"skipped `{' '.join(argv)}`: {exc}", flush=True)
+            status.append(f"{argv[0]} skipped ({exc.name or 'a module'} missing)")
+    print(f"\nmain job: {'PASS' if rc == 0 else 'FAIL'} ({', '.join(status)})", flush=True)
     return rc
 
 

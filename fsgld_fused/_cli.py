@@ -3,8 +3,87 @@
 from __future__ import annotations
 
 import argparse
+import os
+import stat
+import sys
 
 import torch
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument error is one line on stderr (exit status 2), not the usage block and then the error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option with its default, unless its help already says it (or it has none to say); the
+    description as written."""
+
+    def _get_help_string(self, action):
+        if "(default" in (action.help or "") or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def check_output_file(path: str) -> str:
+    """The real path a command may write `path` through: absent (its folder may be made) or a regular
+    file. A device, FIFO, socket or directory is refused before any work starts: writers replace
+    their file atomically, which would put a regular file in place of /dev/null. ValueError if not."""
+    real = os.path.realpath(path)  # a symlink to a regular file: write the file it names
+    try:
+        mode = os.stat(real).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        folder = os.path.dirname(real)
+        while not os.path.exists(folder):  # the nearest existing ancestor must be a folder
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder):
+            raise ValueError(f"{path}: {folder} is not a directory") from None
+        return real
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{path} is {_kind(mode)}; only a regular file (or a new one) may be written")
+    return real
+
+
+def output_file(text: str) -> str:
+    """argparse type of an output path: check_output_file's rule as a one-line usage error."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path")
+    try:
+        check_output_file(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def replace_file(path: str, data: bytes | str) -> None:
+    """Write `data` to `path` atomically (a reader, or a kill, never sees half a file), under
+    check_output_file's rule, checked again here: the path may have changed since the arguments."""
+    real = check_output_file(path)
+    os.makedirs(os.path.dirname(real), exist_ok=True)
+    tmp = f"{real}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+        os.replace(tmp, real)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def fail(message: str) -> None:
+    """A one-line error from a command, after its arguments parsed: stderr, exit status 2."""
+    print(f"python -m fsgld_fused: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def device(text: str) -> torch.device:
@@ -65,8 +144,8 @@ def non_negative_int(text: str) -> int:
 
 def size_list(text: str) -> list[int]:
     """Comma-separated parameter counts, with optional K/M/G suffixes (binary: 16M = 16 * 2**20)."""
-    if not text:
-        return []
+    if not text.strip():
+        raise argparse.ArgumentTypeError("no parameter count given (e.g. 16M or 1048576,4194304)")
     scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     out = []
     for word in text.split(","):

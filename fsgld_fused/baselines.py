@@ -1,4 +1,4 @@
-"""What fsgld-fused is measured against: the naive eager fSGLD step and timing helpers.
+"""What fsgld-fused is measured against: the naive eager fSGLD step, and the timing core.
 
 `NaiveFSGLD` is how fSGLD is usually written (and how the paper's code does it): a stored
 perturbation drawn with `randn_like`, a separate restore pass, an SGLD update with another
@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 from typing import Callable, Sequence
 
 import torch
+from torch.utils.benchmark import Measurement
+from torch.utils.benchmark.utils.common import TaskSpec
+from torch.utils.benchmark.utils.timer import timer as clock
 
 
 class NaiveFSGLD:
@@ -40,13 +42,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeat: int = 5) -> list[float]:
-    """Seconds per call, `repeat` samples after `warmup` calls: CUDA events on a GPU, the host
-    clock around the call on a CPU. The one timer of the package (check, bench, auto backend)."""
+def measure(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeat: int = 5,
+            label: str = "step") -> Measurement:
+    """`repeat` timed calls of `fn` after `warmup` untimed ones, as a torch.utils.benchmark
+    Measurement (median, IQR, significant figures; printable with benchmark.Compare). The timing
+    core of the package: check, bench, the pytest-benchmark suite's clock, the auto backend.
+
+    Our loop, not Timer's: Timer.timeit adds 2 warm-up calls per sample and blocked_autorange picks
+    its own count, while a bench row needs exactly `repeat` calls of a step that may take seconds.
+    The clock is torch.utils.benchmark's (it synchronises an accelerator) on a CPU; CUDA events on a
+    GPU, so that a sample is device time without a host synchronise in it."""
     for _ in range(warmup):
         fn()
     synchronize(device)
-    out = []
+    times = []
     for _ in range(repeat):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -54,13 +63,24 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 2, rep
             fn()
             end.record()
             end.synchronize()
-            out.append(start.elapsed_time(end) / 1e3)
+            times.append(start.elapsed_time(end) / 1e3)
         else:
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            out.append(time.perf_counter() - t0)
-    return out
+            times.append(clock() - t0)
+    return Measurement(number_per_run=1, raw_times=times, task_spec=TaskSpec(stmt=label, setup="", num_threads=
+                       torch.get_num_threads()))
 
 
-def median(xs: Sequence[float]) -> float:
-    return statistics.median(xs)
+def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeat: int = 5) -> list[float]:
+    """Seconds per call: measure(...)'s samples."""
+    return measure(fn, device, warmup, repeat).times
+
+
+def spread_hides_difference(a: Measurement, b: Measurement) -> bool:
+    """True when the two spreads (IQRs) together exceed the difference of the medians: a ratio of
+    the two is not resolved by this run (a loaded machine, too few samples)."""
+    return a.iqr + b.iqr > abs(a.median - b.median)
+
+
+median = statistics.median

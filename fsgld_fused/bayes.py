@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import nullcontext
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
+from torch.distributions import Categorical
+from torch.func import functional_call
 
 __all__ = [
     "CyclicalCosineSchedule",
@@ -29,31 +33,28 @@ __all__ = [
 
 
 # ---- schedule and sample collection ----------------------------------------------------------------
-class CyclicalCosineSchedule:
-    """lr(k) = base_lr / 2 * (cos(pi * (k mod L) / L) + 1) with L = total_steps / cycles (cSG-MCMC).
+class CyclicalCosineSchedule(torch.optim.lr_scheduler.CosineAnnealingWarmRestarts):
+    """The cSG-MCMC cyclical step size: torch's CosineAnnealingWarmRestarts with T_0 = total_steps /
+    cycles and eta_min = 0, lr(k) = base_lr / 2 * (cos(pi * (k mod L) / L) + 1), base_lr the
+    optimizer's lr; a stock scheduler (state_dict, checkpoints). Call `step()` after `opt.step()`.
 
-    `sample_now(k)` is True on the last `samples_per_cycle` steps of each cycle, where the step
-    size is smallest and the chain samples rather than explores.
+    `sample_now(k)` is True on the last `samples_per_cycle` steps of each cycle (k counted from 0),
+    where the step size is smallest and the chain samples rather than explores; never from
+    `total_steps` on.
     """
 
-    def __init__(self, base_lr: float, total_steps: int, cycles: int = 4, samples_per_cycle: int = 3):
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, cycles: int = 4,
+                 samples_per_cycle: int = 3, last_epoch: int = -1):
         if total_steps < cycles or cycles < 1:
             raise ValueError(f"need total_steps >= cycles >= 1, got {total_steps}, {cycles}")
         if not 0 < samples_per_cycle <= total_steps // cycles:
             raise ValueError(f"samples_per_cycle must be in [1, {total_steps // cycles}]")
-        self.base_lr, self.total, self.cycles, self.per_cycle = base_lr, total_steps, cycles, samples_per_cycle
+        self.total_steps, self.cycles, self.samples_per_cycle = total_steps, cycles, samples_per_cycle
         self.cycle_len = total_steps // cycles
-
-    def lr(self, k: int) -> float:
-        pos = (k % self.cycle_len) / self.cycle_len
-        return self.base_lr / 2 * (math.cos(math.pi * pos) + 1)
+        super().__init__(optimizer, T_0=self.cycle_len, eta_min=0.0, last_epoch=last_epoch)
 
     def sample_now(self, k: int) -> bool:
-        return k < self.cycle_len * self.cycles and (k % self.cycle_len) >= self.cycle_len - self.per_cycle
-
-    def apply(self, optimizer: torch.optim.Optimizer, k: int) -> None:
-        for group in optimizer.param_groups:
-            group["lr"] = self.lr(k)
+        return 0 <= k < self.cycle_len * self.cycles and (k % self.cycle_len) >= self.cycle_len - self.samples_per_cycle
 
 
 class SampleCollector:
@@ -74,7 +75,7 @@ class SampleCollector:
 
     def add(self, model: torch.nn.Module, optimizer=None) -> None:
         """Store the model's clean weights (restored for the copy if `optimizer` perturbed them)."""
-        ctx = optimizer.unperturbed() if optimizer is not None and hasattr(optimizer, "unperturbed") else _null()
+        ctx = optimizer.unperturbed() if optimizer is not None and hasattr(optimizer, "unperturbed") else nullcontext()
         with ctx:
             sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if self.directory is None:
@@ -99,83 +100,68 @@ class SampleCollector:
             yield torch.load(path)
 
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 # ---- Bayesian model averaging ----------------------------------------------------------------------
 @torch.no_grad()
 def bma_log_probs(model: torch.nn.Module, samples: Iterable[dict[str, torch.Tensor]], x: torch.Tensor) -> torch.Tensor:
     """log of the sample-averaged predictive probabilities, computed in log space:
-    logsumexp_s(log_softmax(f_s(x))) - log S. The model's own weights are put back afterwards."""
-    original = {k: v.clone() for k, v in model.state_dict().items()}
+    logsumexp_s(log_softmax(f_s(x))) - log S. Each sample runs through torch.func.functional_call:
+    the model's own weights are never touched. One sample at a time, not vmap over stacked samples:
+    a SampleCollector on disk yields them one by one, and memory stays one model's worth."""
     total, count = None, 0
-    try:
-        for sd in samples:
-            model.load_state_dict(sd)
-            lp = torch.log_softmax(model(x).float(), dim=-1)
-            total = lp if total is None else torch.logaddexp(total, lp)
-            count += 1
-    finally:
-        model.load_state_dict(original)
+    for sd in samples:
+        lp = torch.log_softmax(functional_call(model, sd, (x,), strict=True).float(), dim=-1)
+        total = lp if total is None else torch.logaddexp(total, lp)
+        count += 1
     if count == 0:
         raise ValueError("no samples to average")
     return total - math.log(count)
 
 
 # ---- metrics (log_probs: [N, C] log predictive probabilities, y: [N] labels) ---------------------------
+# torch, not torchmetrics or scikit-learn: neither is a dependency of the package (scikit-learn is the
+# demo's); tests/test_bayes.py checks each against scikit-learn (and torchmetrics where installed).
 def accuracy(log_probs: torch.Tensor, y: torch.Tensor) -> float:
     return (log_probs.argmax(-1) == y).float().mean().item()
 
 
 def nll(log_probs: torch.Tensor, y: torch.Tensor) -> float:
-    return -log_probs.gather(1, y[:, None]).mean().item()
+    return F.nll_loss(log_probs, y).item()
 
 
 def ece(log_probs: torch.Tensor, y: torch.Tensor, bins: int = 15) -> float:
-    """Expected calibration error with `bins` equal-width confidence bins."""
-    conf, pred = log_probs.exp().max(-1)
+    """Expected calibration error (L1) with `bins` equal-width confidence bins (lo, hi]."""
+    conf, pred = log_probs.float().exp().max(-1)
     correct = (pred == y).float()
-    edges = torch.linspace(0, 1, bins + 1)
-    err = torch.zeros(())
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        inside = (conf > lo) & (conf <= hi)
-        if inside.any():
-            err += inside.float().mean() * (conf[inside].mean() - correct[inside].mean()).abs()
-    return err.item()
+    which = torch.bucketize(conf, torch.linspace(0, 1, bins + 1), right=False).clamp_(1, bins) - 1
+    gap = torch.zeros(bins).index_add_(0, which, conf - correct)  # per bin: sum of confidence - accuracy
+    return (gap.abs().sum() / len(y)).item()
 
 
 def brier(log_probs: torch.Tensor, y: torch.Tensor) -> float:
+    """Multiclass Brier score: mean over samples of the squared distance to the one-hot label."""
     probs = log_probs.exp()
-    onehot = torch.nn.functional.one_hot(y, probs.shape[-1]).to(probs.dtype)
-    return (probs - onehot).pow(2).sum(-1).mean().item()
+    return F.mse_loss(probs, F.one_hot(y, probs.shape[-1]).to(probs.dtype), reduction="sum").item() / len(y)
 
 
 def predictive_entropy(log_probs: torch.Tensor) -> torch.Tensor:
-    return -(log_probs.exp() * log_probs).sum(-1)
+    return Categorical(logits=log_probs).entropy()
 
 
 def auroc(scores_in: torch.Tensor, scores_out: torch.Tensor) -> float:
     """P(score_out > score_in) (ties count one half): with predictive entropy as the score, the
-    AUROC of telling out-of-distribution inputs from in-distribution ones."""
+    AUROC of telling out-of-distribution inputs from in-distribution ones. The Mann-Whitney rank
+    formula, ties given their mean rank: sklearn.metrics.roc_auc_score's value (tested)."""
     s = torch.cat([scores_in, scores_out]).double()
-    ranks = torch.empty_like(s)
-    order = torch.argsort(s)
-    ranks[order] = torch.arange(1, len(s) + 1, dtype=torch.float64)
-    for v in torch.unique(s):  # average ranks over ties
-        tie = s == v
-        if tie.sum() > 1:
-            ranks[tie] = ranks[tie].mean()
+    _, which, counts = torch.unique(s, return_inverse=True, return_counts=True)  # sorted distinct scores
+    mean_rank = counts.cumsum(0).double() - (counts.double() - 1) / 2  # 1-based mean rank of each score
     n_in, n_out = len(scores_in), len(scores_out)
-    return ((ranks[n_in:].sum() - n_out * (n_out + 1) / 2) / (n_in * n_out)).item()
+    return ((mean_rank[which[n_in:]].sum() - n_out * (n_out + 1) / 2) / (n_in * n_out)).item()
 
 
 # ---- flatness probe ---------------------------------------------------------------------------------
 def _hvp(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor], vs: Sequence[torch.Tensor]):
+    # double backward, not torch.func.hvp: the loss is a closure over the module's own parameters
+    # (any model, any loss), where torch.func needs a pure function of them
     loss = loss_fn()
     grads = torch.autograd.grad(loss, params, create_graph=True)
     dot = sum((g * v).sum() for g, v in zip(grads, vs))

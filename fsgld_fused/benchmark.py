@@ -26,12 +26,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import io
 import json
 import math
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -40,7 +40,7 @@ from typing import Callable, Optional
 import torch
 
 from . import _backends, _cli
-from .baselines import NaiveFSGLD, time_fn
+from .baselines import NaiveFSGLD, measure
 from .optimizer import FSGLD
 
 SCHEMA = "fsgld-bench/2"
@@ -108,18 +108,17 @@ def copy_bandwidth(device: torch.device, numel: int, repeat: int) -> float:
     """Measured device copy bandwidth in GB/s, counting bytes read plus bytes written."""
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
-    times = time_fn(lambda: dst.copy_(src), device, repeat=repeat)
-    return 2 * 4 * numel / statistics.median(times) / 1e9
+    return 2 * 4 * numel / measure(lambda: dst.copy_(src), device, repeat=repeat).median / 1e9
 
 
 def normals_rate(device: torch.device, numel: int, repeat: int) -> dict[str, float]:
     """Normal variates per second: our stream (cpu or cuda kernel) against torch.randn."""
     out = torch.empty(numel, device=device)
-    rates = {"torch.randn": numel / statistics.median(time_fn(lambda: torch.randn(numel, out=out), device, repeat=repeat))}
+    rates = {"torch.randn": numel / measure(lambda: torch.randn(numel, out=out), device, repeat=repeat).median}
     name = "cpu" if device.type == "cpu" else "cuda"
     if _backends.available_backends()[name] is None:
         fn = lambda: torch.ops.fsgld.normals_(out, 1, 0, 0, 0, 0)  # noqa: E731
-        rates[f"fsgld {name} kernel"] = numel / statistics.median(time_fn(fn, device, repeat=repeat))
+        rates[f"fsgld {name} kernel"] = numel / measure(fn, device, repeat=repeat).median
     return rates
 
 
@@ -141,7 +140,9 @@ def environment(device: torch.device) -> dict:
     """Machine, device, driver, versions and commit: what a results file must say about itself."""
     env = {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    # above cpu_count: other processes shared the cores (CPU figures are suspect)
+                    "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
         "device": f"cpu ({platform.machine()})",
         "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()},
         "commit": git_commit(),
@@ -170,12 +171,8 @@ def environment(device: torch.device) -> dict:
 
 
 def write_json(path: str, result: dict) -> None:
-    """Replace `path` atomically: a reader (or a kill) never sees half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, path)
+    """Replace `path` atomically (a reader, or a kill, never sees half a file); a regular file only."""
+    _cli.replace_file(path, json.dumps(result, indent=1))
 
 
 # ---- variants ---------------------------------------------------------------------------------------
@@ -235,10 +232,8 @@ def variants(params, grads, device, include: set[str],
 
 
 def _time_row(step: Callable[[], object], device, repeat: int) -> dict:
-    times = time_fn(step, device, repeat=repeat)
-    med = statistics.median(times)
-    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [med, med, med]
-    return {"median_s": med, "min_s": min(times), "iqr_s": q[2] - q[0], "samples": len(times)}
+    m = measure(step, device, repeat=repeat)
+    return {"median_s": m.median, "min_s": min(m.times), "iqr_s": m.iqr, "samples": len(m.times)}
 
 
 def _free(device, between_rows: bool = False) -> None:
@@ -251,19 +246,26 @@ def _free(device, between_rows: bool = False) -> None:
         gc.collect()
 
 
+def settings(args: argparse.Namespace, device: torch.device) -> tuple[list[int], int, set[str]]:
+    """Sizes, repeat and extra variants: --quick only changes the defaults, an option given stands."""
+    if args.sizes is not None:
+        sizes = list(args.sizes)
+    elif args.quick:
+        sizes = [1 << 20, 1 << 22]
+    else:
+        sizes = [1 << 24, 1 << 27, 1 << 30] if device.type == "cuda" else [1 << 20, 1 << 22, 1 << 24, 1 << 26]
+    repeat = args.repeat if args.repeat is not None else 3 if args.quick else 7
+    if args.include is not None:
+        include = set(filter(None, args.include.split(",")))
+    else:  # Inductor's C++ compile of 100 tensors takes minutes on 2 cores
+        include = set() if args.quick and device.type == "cpu" else {"compile"}
+    return sizes, repeat, include
+
+
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     start = time.monotonic()
-    if args.quick:
-        sizes = [1 << 20, 1 << 22]
-        repeat = 3
-    else:
-        sizes = list(args.sizes) if args.sizes else (
-            [1 << 24, 1 << 27, 1 << 30] if device.type == "cuda" else [1 << 20, 1 << 22, 1 << 24, 1 << 26])
-        repeat = args.repeat
-    include = set(filter(None, args.include.split(",")))
-    if args.quick and device.type == "cpu":
-        include.discard("compile")  # Inductor's C++ compile of 100 tensors takes minutes on 2 cores
+    sizes, repeat, include = settings(args, device)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     for d in dtypes:
         if d not in DTYPES:
@@ -374,7 +376,10 @@ def _ratios(result: dict) -> None:
             continue
         rows = by_key[(r["dtype"], r["layout"], r["params"])]
         if "SGD fused" in rows:
-            r["x_sgd_fused"] = r["median_s"] / rows["SGD fused"]["median_s"]
+            base = rows["SGD fused"]
+            r["x_sgd_fused"] = r["median_s"] / base["median_s"]
+            # the two IQRs together exceed the difference: this run does not resolve the ratio
+            r["x_sgd_fused_unresolved"] = r["iqr_s"] + base["iqr_s"] > abs(r["median_s"] - base["median_s"])
         if "naive fSGLD (eager)" in rows:
             r["speedup_vs_naive"] = rows["naive fSGLD (eager)"]["median_s"] / r["median_s"]
         copy = rows["device copy"]["achieved_GBps"] if "device copy" in rows else result.get("copy_bandwidth_GBps")
@@ -414,32 +419,44 @@ def plot(result: dict, path: str) -> Optional[str]:
     fig.suptitle(f"one optimizer step, {dtype} {layout} tensor list: {result['device']}, "
                  f"torch {result['versions']['torch']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    _cli.replace_file(path, png.getvalue())
     return None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=_cli.device, default=_cli.default_device(), help="cpu, cuda or cuda:N")
-    p.add_argument("--sizes", type=_cli.size_list, default=[],
+    p.add_argument("--sizes", type=_cli.size_list,
                    help="comma-separated parameter counts, K/M/G suffixes allowed (default: 16M,128M,1G on "
-                        "cuda; 1M,4M,16M,64M on cpu)")
+                        "cuda; 1M,4M,16M,64M on cpu; 1M,4M with --quick)")
     p.add_argument("--layout", choices=["transformer", "flat", "both"], default="both",
                    help="~100 transformer-shaped tensors, one flat tensor, or both")
     p.add_argument("--dtypes", default="float32",
                    help="comma-separated: float32, bfloat16 (bf16 params; FSGLD with fp32 master weights)")
-    p.add_argument("--repeat", type=_cli.positive_int, default=7, help="timed steps per variant (after 2 warm-ups)")
-    p.add_argument("--include", default="compile", help="extra variants, comma-separated: compile, reference")
-    p.add_argument("--quick", action="store_true", help="CI-sized: 1M and 4M params, 3 repeats")
+    p.add_argument("--repeat", type=_cli.positive_int,
+                   help="timed steps per variant, after 2 warm-ups (default: 7; 3 with --quick)")
+    p.add_argument("--include", help="extra variants, comma-separated: compile, reference; '' for none "
+                                     "(default: compile; none with --quick on cpu)")
+    p.add_argument("--quick", action="store_true",
+                   help="CI-sized defaults: 1M and 4M params, 3 repeats, no compile on cpu (options given still hold)")
     p.add_argument("--budget-s", type=float, default=0.0,
                    help="skip the rows that would start after this many seconds (0: no limit); the JSON says so")
-    p.add_argument("--out", default="bench/results/latest.json",
-                   help="JSON path, rewritten after every row (the PNG goes beside it at the end)")
+    p.add_argument("--out", type=_cli.output_file, default="bench/results/latest.json",
+                   help="JSON path (a regular file or a new one), rewritten after every row; the PNG goes "
+                        "beside it at the end")
 
 
 def main(args: argparse.Namespace) -> int:
-    result = run(args)
     png = os.path.splitext(args.out)[0] + ".png"
+    try:
+        _cli.check_output_file(png)  # refused before any work, like --out itself
+    except ValueError as exc:
+        _cli.fail(f"bench: the plot beside --out: {exc}")
+    if os.path.realpath(png) == os.path.realpath(args.out):
+        _cli.fail(f"bench: --out {args.out} is where the plot goes; name the JSON file *.json")
+    result = run(args)
     err = plot(result, png)
     print(f"\nwrote {args.out}" + (f" and {png}" if err is None else f" ({err})"))
     print_table(result)
@@ -457,6 +474,9 @@ def print_table(result: dict, variants: Optional[set[str]] = None) -> None:
         print(f"{r['dtype']:8s} {r['layout']:11s} {r['params']:13,d} {r['variant']:28s} {r['median_s'] * 1e3:10.3f} "
               f"{r['iqr_s'] * 1e3:8.3f} {r['bytes_per_param']:7g} {r['achieved_GBps']:7.1f} "
               f"{r.get('copy_fraction', float('nan')):7.2f} {r.get('x_sgd_fused', float('nan')):11.2f}")
+    if any(r.get("x_sgd_fused_unresolved") and r["variant"] != "SGD fused" for r in result["runs"]):
+        print("~: the IQRs of the row and of SGD fused together exceed their difference; this run does not "
+              "resolve that ratio (a loaded machine? raise --repeat)")
     failed = [r for r in result["runs"] if "error" in r]
     for r in failed:
         print(f"FAILED {r['dtype']} {r['layout']} {r['params']:,d} {r['variant']}: {r['error']}")
@@ -466,6 +486,6 @@ def print_table(result: dict, variants: Optional[set[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _cli.Parser(formatter_class=_cli.HelpFormatter)
     add_arguments(parser)
     sys.exit(main(parser.parse_args()))

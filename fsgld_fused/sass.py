@@ -516,24 +516,49 @@ def print_table(rows: list[dict], out=sys.stdout) -> None:
               f"{fr['H100']['fraction_of_floor']:5.0%} {fr['H200']['fraction_of_floor']:5.0%}", file=out)
 
 
+BACKENDS = ("cuda", "triton")
+
+
+def _backend_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(BACKENDS)} (comma-separated)")
+    return names
+
+
+def _source_tree(text: str) -> str:
+    root = os.path.abspath(text)
+    for need in ("setup.py", os.path.join("csrc", "fsgld_cuda_kernels.cuh")):
+        if not os.path.isfile(os.path.join(root, need)):
+            raise argparse.ArgumentTypeError(f"{text}: not an fsgld-fused checkout (no {need})")
+    return root
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", metavar="FILE", help="also write the counts as JSON")
-    parser.add_argument("--backends", default="cuda,triton", help="comma-separated: cuda, triton")
+    from . import _cli
+
+    parser.add_argument("--json", metavar="FILE", type=_cli.output_file,
+                        help="also write the counts as JSON (a regular file or a new one)")
+    parser.add_argument("--backends", type=_backend_list, default="cuda,triton", help="comma-separated: cuda, triton")
     parser.add_argument("--dtype", choices=sorted({v.dtype for v in VARIANTS}), help="count only this param dtype")
     parser.add_argument("--variant", choices=sorted({v.name for v in VARIANTS}), help="count only this variant")
-    parser.add_argument("--source", default=ROOT, metavar="DIR",
+    parser.add_argument("--source", type=_source_tree, default=ROOT, metavar="DIR",
                         help="a checkout to count (default: this one), e.g. an older commit for before/after")
 
 
 def main(args: argparse.Namespace) -> int:
+    from . import _cli
+
     variants = [v for v in VARIANTS if args.dtype in (None, v.dtype) and args.variant in (None, v.name)]
-    rows, skipped = collect(os.path.abspath(args.source), args.backends.split(","), variants)
+    rows, skipped = collect(os.path.abspath(args.source), args.backends, variants)
     print(MODEL)
     print()
     print_table(rows)
     for s in skipped:
         print(f"skipped: {s}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"model": MODEL, "kernels": rows, "skipped": skipped}, f, indent=1)
+        _cli.replace_file(args.json, json.dumps({"model": MODEL, "kernels": rows, "skipped": skipped}, indent=1))
+    if not rows:
+        print("sass: nothing counted" + (" (see the skipped lines above)" if skipped else ""), file=sys.stderr)
     return 0 if rows else 1

@@ -429,6 +429,24 @@ def test_hf_readme_snippet(tmp_path, monkeypatch):
     assert torch.equal(flat(tensors[n] for n, _ in model.named_parameters()), flat(model.parameters()))
 
 
+def test_hf_trainer_builds_fsgld_from_optimizer_cls_and_kwargs(tmp_path, monkeypatch):
+    transformers, TinyConfig, TinyRegressor, _ = hf_classes()
+    monkeypatch.chdir(tmp_path)
+    ns = {"model": TinyRegressor(TinyConfig()), "train_set": hf_dataset(32)}
+    exec(readme_snippet("hf-cls"), ns)
+    opt = ns["trainer"].optimizer
+    while hasattr(opt, "optimizer"):  # accelerate's wrapper
+        opt = opt.optimizer
+    assert isinstance(opt, FSGLD) and opt.step_count > 0 and not opt.is_perturbed
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.0}  # the Trainer's two groups
+    # without lr in the kwargs the Trainer's groups carry none: FSGLD says so
+    cls_kwargs = (FSGLD, {"beta": 1e8})
+    trainer = transformers.Trainer(model=ns["model"], args=ns["args"], train_dataset=ns["train_set"],
+                                   optimizer_cls_and_kwargs=cls_kwargs)
+    with pytest.raises((TypeError, ValueError), match="lr"):
+        trainer.train()
+
+
 def test_hf_trainer_resume_from_checkpoint_continues_the_same_chain(tmp_path):
     transformers, TinyConfig, TinyRegressor, _ = hf_classes()
     from fsgld_fused.integrations import CleanWeightsTrainerCallback
