@@ -189,8 +189,8 @@ def main() -> int:
                 continue
             rows[name] = time_command(cmd)
             r = rows[name]
-            print(f"{name:28s} {r['wall_s']:7.1f} s wall {r['cpu_s']:7.1f} s cpu" + ("  FAILED" if "error" in r else ""),
-                  flush=True)
+            failed = "  FAILED" if "error" in r else ""
+            print(f"{name:28s} {r['wall_s']:7.1f} s wall {r['cpu_s']:7.1f} s cpu{failed}", flush=True)
             if "error" in r:
                 print(r["error"], file=sys.stderr)
     ok = [r for r in rows.values() if "error" not in r]

@@ -157,7 +157,8 @@ def table(out_dir):
                   + (f"  ({s['skipped']})" if "skipped" in s else ""))
         t = data.get("tests", {})
         if "passed" in t:
-            print(f"  gpu tests: {t['passed']} passed, {t['failed']} failed, {t['error']} errors, {t['skipped']} skipped")
+            print(f"  gpu tests: {t['passed']} passed, {t['failed']} failed, {t['error']} errors, "
+                  f"{t['skipped']} skipped")
             for f in t["failures"]:
                 print(f"    {f['outcome'].upper()} {f['test']}: {f['message']}")
     path = os.path.join(out_dir, "bench.json")
@@ -174,4 +175,5 @@ def table(out_dir):
 
 if __name__ == "__main__":
     command, *rest = sys.argv[1:]
-    sys.exit({"env": env, "step": step, "tests": tests, "ncu": ncu, "ncu-skipped": ncu_skipped, "table": table}[command](*rest) or 0)
+    commands = {"env": env, "step": step, "tests": tests, "ncu": ncu, "ncu-skipped": ncu_skipped, "table": table}
+    sys.exit(commands[command](*rest) or 0)

@@ -130,7 +130,8 @@ def test_variants_and_append(tmp_path):
                                                       "naive fSGLD (eager)"]
     assert "not available here" in second["runs"][2]["error"]
     assert second["runs"][3]["x_sgd_fused"] > 0  # a ratio across the two runs' rows
-    assert [r["variant"] for r in json.load(open(tmp_path / "b.json"))["runs"]] == [r["variant"] for r in second["runs"]]
+    saved = json.load(open(tmp_path / "b.json"))["runs"]
+    assert [r["variant"] for r in saved] == [r["variant"] for r in second["runs"]]
     with pytest.raises(SystemExit, match="--variants SGD fast"):
         benchmark.run(_args(tmp_path, variants="SGD fast"))
 
