@@ -183,10 +183,12 @@ def test_cuda_graph_replay_draws_fresh_noise_and_matches_eager(backend, perturba
     assert_step_close(model.weight.detach().cpu(), ref.weight.detach().cpu(), noise, atol_extra=extra)
 
 
-def _views(sizes, starts, dtype, gen):
-    """Contiguous 1-D views starting `start` elements into their own buffer: start % 4 != 0 gives a
-    data pointer off the 16-byte vector alignment (the kernels' scalar path)."""
-    return [torch.randn(n + s, generator=gen).to(dtype)[s:] for n, s in zip(sizes, starts)]
+def _placed(values, starts):
+    """(CPU, GPU) lists of 1-D views holding `values`, each `start` elements into its own buffer (the
+    whole buffer copied to the GPU, then sliced there): start % 4 != 0 puts the data pointer off the
+    16-byte vector alignment (the kernels' scalar path). `.cuda()` of a view would copy it aligned."""
+    bufs = [torch.cat([torch.zeros(s, dtype=v.dtype), v]) for v, s in zip(values, starts)]
+    return [b[s:] for b, s in zip(bufs, starts)], [b.cuda()[s:] for b, s in zip(bufs, starts)]
 
 
 # Shard offsets: aligned (multiples of 4 and 128) and not, one past 2**32 Philox blocks; view
@@ -205,10 +207,10 @@ def test_perturb_and_restore_on_gpu(backend, dtype, master):
         pytest.skip("masters are for low-precision params")
     ext = ops(backend, dtype)
     gen = torch.Generator().manual_seed(2)
-    masters = _views(VIEW_SIZES, VIEW_STARTS, torch.float32, gen) if master else []
-    params = [m.to(dtype) for m in masters] if master else _views(VIEW_SIZES, VIEW_STARTS, dtype, gen)
-    gpu = [p.cuda() for p in params]
-    gpu_m = [m.cuda() for m in masters]
+    values = [torch.randn(n, generator=gen) for n in VIEW_SIZES]
+    masters, gpu_m = _placed(values, VIEW_STARTS) if master else ([], [])
+    params, gpu = _placed([v.to(dtype) for v in values], VIEW_STARTS)
+    assert any(p.data_ptr() % 16 for p in gpu) and any(p.data_ptr() % 16 == 0 for p in gpu)
     args = (VIEW_IDS, 2**63 + 5, 9, 0.03)
     ext.perturb_(gpu, *args, offsets=VIEW_OFFSETS, masters=gpu_m)
     R.perturb_(params, *args, offsets=VIEW_OFFSETS, masters=masters)
@@ -229,10 +231,9 @@ def test_fused_step_unaligned_on_gpu(backend, perturbation):
     ext = ops(backend)
     signs = perturbation == "rademacher"
     gen = torch.Generator().manual_seed(3)
-    params = _views(VIEW_SIZES, VIEW_STARTS, torch.float32, gen)
-    grads = _views(VIEW_SIZES, VIEW_STARTS[::-1], torch.float32, gen)
-    bufs = [torch.zeros(n + 1)[1:] for n in VIEW_SIZES]
-    gpu, gpu_g, gpu_b = ([x.cuda() for x in xs] for xs in (params, grads, bufs))
+    params, gpu = _placed([torch.randn(n, generator=gen) for n in VIEW_SIZES], VIEW_STARTS)
+    grads, gpu_g = _placed([torch.randn(n, generator=gen) for n in VIEW_SIZES], VIEW_STARTS[::-1])
+    bufs, gpu_b = _placed([torch.zeros(n) for n in VIEW_SIZES], [1] * len(VIEW_SIZES))
     args = (VIEW_IDS, 77, 3, 1e-2, 1e-2, 0.9, 0.0 if signs else 1e-3, 0.02, 0.03)
     kw = dict(offsets=VIEW_OFFSETS, restore_rademacher=signs, perturb_rademacher=signs)
     for _ in range(2):  # the second step reads the momentum buffers the first wrote
