@@ -23,9 +23,12 @@ import tempfile
 import torch
 
 
-# tests/test_cuda_build.py reads this list. No fast-math: sqrtf stays correctly rounded (SPEC);
-# -fmad=false: see the cxx flags below.
+# tests/test_cuda_build.py and bench/build_times.py read these lists. No fast-math: sqrtf stays
+# correctly rounded (SPEC). No contraction of a*b+c into FMA (host and device): SPEC 3's update
+# rounds each float32 op like the reference; the log/sin/cos polynomials ask for their FMAs
+# explicitly (fmadd).
 NVCC_FLAGS = ["-O3", "-lineinfo", "-fmad=false"]
+CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-DPy_LIMITED_API=0x030A0000"]
 
 # .ci/build-ext greps the build log for this marker and repeats those lines.
 WARNING_MARKER = "FSGLD BUILD WARNING"
@@ -123,10 +126,7 @@ def _extension():
         cpp_extension.CUDA_HOME = cuda_home
     cpp_sources = sorted(glob.glob("csrc/*.cpp"))
     cu_sources = sorted(glob.glob("csrc/*.cu"))
-    # No contraction of a*b+c into FMA (host and device): SPEC 3's update rounds each float32 op
-    # like the reference; the log/sin/cos polynomials ask for their FMAs explicitly (fmadd).
-    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-DPy_LIMITED_API=0x030A0000"]
-    extra = {"cxx": cxx}
+    extra = {"cxx": list(CXX_FLAGS)}
     if use_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"

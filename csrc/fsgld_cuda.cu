@@ -1,5 +1,6 @@
 // fsgld_cuda.cu: the CUDA launchers of the fsgld:: ops (schemas in fsgld_schemas.h). The kernels
-// and the tables they read are in fsgld_cuda_kernels.cuh.
+// and the tables they read are in fsgld_cuda_kernels.cuh; the fused step's are instantiated in
+// fsgld_cuda_step_<type>.cu.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -8,6 +9,14 @@
 #include "fsgld_cuda_kernels.cuh"
 
 namespace fsgld {
+namespace cuda_kernels {
+// The fused step kernels: compiled in fsgld_cuda_step_<type>.cu, one file per param type, so that
+// the build compiles them in parallel (not here: this file would then take them all, serially).
+extern template StepKernel step_kernel<float>(unsigned);
+extern template StepKernel step_kernel<c10::BFloat16>(unsigned);
+extern template StepKernel step_kernel<c10::Half>(unsigned);
+}  // namespace cuda_kernels
+
 namespace {
 
 using namespace cuda_kernels;

@@ -280,6 +280,9 @@ __global__ void __launch_bounds__(kThreads) perturb_kernel(const __grid_constant
   }
 }
 
+// Not templates: defined once, in the launchers' file (a fsgld_cuda_step_<type>.cu file defines
+// FSGLD_FUSED_STEP_ONLY; a second definition would collide at link time).
+#ifndef FSGLD_FUSED_STEP_ONLY
 __global__ void normals_kernel(float* out, int64_t n, int64_t off, Stream st) {
   const int64_t blk = (off >> 2) + (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (blk > ((off + n - 1) >> 2)) return;
@@ -299,6 +302,7 @@ __global__ void words_kernel(uint32_t* out, int64_t nblocks, int64_t first, Stre
   philox4x32_10(w0, w1, w2, w3, st.k0, st.k1);
   out[4 * b] = w0, out[4 * b + 1] = w1, out[4 * b + 2] = w2, out[4 * b + 3] = w3;
 }
+#endif  // FSGLD_FUSED_STEP_ONLY
 
 inline bool aligned4(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % (4 * t.element_size()) == 0;
@@ -364,6 +368,19 @@ void dispatch_step_flags(unsigned flags, const Fn& fn) {
   }
 }
 
+// The fused step kernel of param type S for `flags`. fsgld_cuda.cu declares it `extern template`
+// and fsgld_cuda_step_<type>.cu instantiates it, one param type per translation unit: a kernel per
+// flag set, they are most of the build, and ninja then compiles the types in parallel
+// (bench/README.md, "Build time"). A host function, not the kernels, crosses the files: nvcc 13
+// makes a template kernel's launch stub local to its file (-static-global-template-stub).
+using StepKernel = decltype(&fused_step_kernel<float, float, 0u>);
+template <typename S>
+StepKernel step_kernel(unsigned flags) {
+  StepKernel kernel = nullptr;
+  dispatch_step_flags<S>(flags, [&](StepKernel k) { kernel = k; });
+  return kernel;
+}
+
 
 // `launch(kernel, table, n_chunks, scalars)` runs one grid of kThreads-thread blocks.
 template <typename Launch>
@@ -389,7 +406,7 @@ void fused_step_host(at::TensorList params, at::TensorList grads, at::TensorList
     if constexpr (!std::is_same_v<S, double>) {  // refused above; not instantiated
       multi_tensor_apply(params, grads, momentum_buffers, masters, param_ids, offsets,
                          [&](const TensorTable& tab, int nchunks) {
-                           dispatch_step_flags<S>(flags, [&](auto kernel) { launch(kernel, tab, nchunks, sc); });
+                           launch(step_kernel<S>(flags), tab, nchunks, sc);
                          });
     }
   });

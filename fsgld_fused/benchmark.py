@@ -284,6 +284,13 @@ def run(args: argparse.Namespace) -> dict:
         "runs": [],
     }
     out = getattr(args, "out", None)
+    if getattr(args, "append", False) and out and os.path.exists(out):
+        with open(out) as f:
+            result["runs"] = json.load(f)["runs"]  # bench/gpu.sh: its steps' rows in one results file
+    only = [v.strip() for v in getattr(args, "variants", "").split(",") if v.strip()]
+    unknown = [v for v in only if v not in VARIANT_ORDER]
+    if unknown:
+        raise SystemExit(f"bench: --variants {', '.join(unknown)}: choose from {', '.join(VARIANT_ORDER)}")
 
     def save():
         _ratios(result)
@@ -312,6 +319,8 @@ def run(args: argparse.Namespace) -> dict:
                     continue
                 numel = sum(p.numel() for p in params)
                 factories = {"device copy": None, **variants(params, grads, device, include, master)}
+                if only:  # these rows, in this order; one not available here is an error row
+                    factories = {name: factories.get(name, "unavailable") for name in only}
                 for name, factory in factories.items():
                     if name == "FSGLD reference" and numel > (1 << 22):
                         continue  # minutes per step: the reference is a specification, not a contender
@@ -321,6 +330,9 @@ def run(args: argparse.Namespace) -> dict:
                     left = args.budget_s - (time.monotonic() - start) if args.budget_s else math.inf
                     if left < _ROW_RESERVE_S.get(name, 5.0):
                         row["skipped"] = f"time budget ({args.budget_s:g} s) spent"
+                    elif factories[name] == "unavailable":
+                        why = _backends.available_backends().get(name.split()[1]) if name.startswith("FSGLD ") else None
+                        row["error"] = "not available here" + (f": {why}" if why else "")
                     else:
                         row.update(_measure(name, factory, params, device, repeat))
                         if "median_s" in row:
@@ -443,6 +455,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="CI-sized defaults: 1M and 4M params, 3 repeats, no compile on cpu (options given still hold)")
     p.add_argument("--budget-s", type=float, default=0.0,
                    help="skip the rows that would start after this many seconds (0: no limit); the JSON says so")
+    p.add_argument("--variants", default="",
+                   help="comma-separated: only these rows, in this order (default: every variant available)")
+    p.add_argument("--append", action="store_true", help="keep the rows already in --out and add these")
     p.add_argument("--out", type=_cli.output_file, default="bench/results/latest.json",
                    help="JSON path (a regular file or a new one), rewritten after every row; the PNG goes "
                         "beside it at the end")

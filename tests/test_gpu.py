@@ -17,7 +17,10 @@ from fsgld_fused import reference as R
 from fsgld_fused.testing import NOISE_ATOL, assert_step_close
 
 pytestmark = pytest.mark.gpu
-SIZES = [0, 1, 3, 4, 5, 1023, (1 << 20) + 7, 3 << 20]
+# Tails of every length, and lists of many chunks. Kept small: the reference draws its noise on
+# the CPU (3 streams of 4.2M elements took 33 s per step on a 2-core VM); the launches split
+# across chunk tables are test_fused_step_across_launches_on_gpu's, checked in windows.
+SIZES = [0, 1, 3, 4, 5, 1023, (1 << 16) + 7, 3 << 16]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -178,3 +181,123 @@ def test_cuda_graph_replay_draws_fresh_noise_and_matches_eager(backend, perturba
     noise = 7 * math.sqrt(2 * 1e-2 / 1e4)
     extra = grad_rounding(1e-2, 7, [ref.weight.grad], 256 + 64)
     assert_step_close(model.weight.detach().cpu(), ref.weight.detach().cpu(), noise, atol_extra=extra)
+
+
+def _placed(values, starts):
+    """(CPU, GPU) lists of 1-D views holding `values`, each `start` elements into its own buffer (the
+    whole buffer copied to the GPU, then sliced there): start % 4 != 0 puts the data pointer off the
+    16-byte vector alignment (the kernels' scalar path). `.cuda()` of a view would copy it aligned."""
+    bufs = [torch.cat([torch.zeros(s, dtype=v.dtype), v]) for v, s in zip(values, starts)]
+    return [b[s:] for b, s in zip(bufs, starts)], [b.cuda()[s:] for b, s in zip(bufs, starts)]
+
+
+# Shard offsets: aligned (multiples of 4 and 128) and not, one past 2**32 Philox blocks; view
+# starts: aligned pointers and not.
+VIEW_SIZES, VIEW_STARTS = [3 * 4096 + 5, 1 << 16, 4096 + 130, 70, 4], [0, 1, 2, 4, 3]
+VIEW_OFFSETS, VIEW_IDS = [0, 4 * (2**32 - 1) - 2, 4101, 128, 3], [4, 0, 2, 1, 3]
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("master", [False, True])
+def test_perturb_and_restore_on_gpu(backend, dtype, master):
+    """perturb_ / restore_ (Gaussian) against the reference, on pointers off the vector alignment
+    and shard offsets aligned and not; with masters the param is round(master + sigma * eps)."""
+    if master and dtype == torch.float32:
+        pytest.skip("masters are for low-precision params")
+    ext = ops(backend, dtype)
+    gen = torch.Generator().manual_seed(2)
+    values = [torch.randn(n, generator=gen) for n in VIEW_SIZES]
+    masters, gpu_m = _placed(values, VIEW_STARTS) if master else ([], [])
+    params, gpu = _placed([v.to(dtype) for v in values], VIEW_STARTS)
+    assert any(p.data_ptr() % 16 for p in gpu) and any(p.data_ptr() % 16 == 0 for p in gpu)
+    args = (VIEW_IDS, 2**63 + 5, 9, 0.03)
+    ext.perturb_(gpu, *args, offsets=VIEW_OFFSETS, masters=gpu_m)
+    R.perturb_(params, *args, offsets=VIEW_OFFSETS, masters=masters)
+    for a, b in zip(gpu, params):
+        assert_step_close(a.cpu(), b, 0.03)
+    ext.restore_(gpu, *args, offsets=VIEW_OFFSETS, masters=gpu_m)
+    R.restore_(params, *args, offsets=VIEW_OFFSETS, masters=masters)
+    for a, b in zip(gpu, params):
+        assert_step_close(a.cpu(), b, 2 * 0.03)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("perturbation", ["gaussian", "rademacher"])
+def test_fused_step_unaligned_on_gpu(backend, perturbation):
+    """The fused step on pointers off the vector alignment and shard offsets aligned and not
+    (params, grads and momentum buffers each at their own start). Rademacher without Langevin
+    noise is exact arithmetic on exact signs: compared with `==`."""
+    ext = ops(backend)
+    signs = perturbation == "rademacher"
+    gen = torch.Generator().manual_seed(3)
+    params, gpu = _placed([torch.randn(n, generator=gen) for n in VIEW_SIZES], VIEW_STARTS)
+    grads, gpu_g = _placed([torch.randn(n, generator=gen) for n in VIEW_SIZES], VIEW_STARTS[::-1])
+    bufs, gpu_b = _placed([torch.zeros(n) for n in VIEW_SIZES], [1] * len(VIEW_SIZES))
+    args = (VIEW_IDS, 77, 3, 1e-2, 1e-2, 0.9, 0.0 if signs else 1e-3, 0.02, 0.03)
+    kw = dict(offsets=VIEW_OFFSETS, restore_rademacher=signs, perturb_rademacher=signs)
+    for _ in range(2):  # the second step reads the momentum buffers the first wrote
+        ext.fused_step_(gpu, gpu_g, gpu_b, *args, **kw)
+        R.fused_step_(params, grads, bufs, *args, **kw)
+    for a, b in zip(gpu + gpu_b, params + bufs):
+        if signs:
+            assert torch.equal(a.cpu(), b)
+        else:
+            assert_step_close(a.cpu(), b, 2 * (0.02 + 0.03 + 1e-3))
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_grad_scaler_on_gpu(backend):
+    """AMP through the optimizer: GradScaler hands FSGLD its device scale and found_inf (no host
+    sync); a scaled run equals an unscaled one bit for bit (power-of-two scale), and an overflow
+    changes nothing: not the weights, not the perturbation, not the step count."""
+    ops(backend)
+    torch.manual_seed(0)
+    m1 = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 5)).cuda()
+    m2 = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 5)).cuda()
+    m2.load_state_dict(m1.state_dict())
+    o1 = FSGLD(m1.parameters(), lr=1e-2, beta=1e5, sigma=1e-2, seed=3, backend=backend, momentum=0.9)
+    o2 = FSGLD(m2.parameters(), lr=1e-2, beta=1e5, sigma=1e-2, seed=3, backend=backend, momentum=0.9)
+    scaler = torch.amp.GradScaler("cuda", init_scale=1024.0)
+    x = torch.randn(16, 32, device="cuda")
+    for _ in range(3):
+        o1.zero_grad()
+        scaler.scale(m1(x).pow(2).mean()).backward()
+        scaler.step(o1)
+        scaler.update()
+        o2.zero_grad()
+        m2(x).pow(2).mean().backward()
+        o2.step()
+    assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
+    before = [p.detach().clone() for p in m1.parameters()]
+    o1.zero_grad()
+    scaler.scale(m1(x).pow(2).mean()).backward()
+    m1[0].weight.grad[0, 0] = math.inf
+    scaler.step(o1)
+    scaler.update()
+    assert all(torch.equal(p, b) for p, b in zip(m1.parameters(), before))
+    assert o1.step_count == 3 and o1.skipped_steps == 1 and scaler.get_scale() == 512.0
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_fused_step_across_launches_on_gpu(backend):
+    """A list of more chunks than one CUDA launch's table holds (kMaxChunks x 4096 elements), so
+    that a tensor continues into the next launch; checked against the reference in windows (the
+    stream is keyed on the global element index: a window is the reference's step of that slice
+    at its offset) at the start, across the table boundary and at the unaligned tail."""
+    ext = ops(backend)
+    gen = torch.Generator().manual_seed(4)
+    sizes, offsets, ids = [4099, 9_000_005], [0, 6], [1, 0]
+    params = [torch.randn(n, generator=gen) for n in sizes]
+    grads = [torch.randn(n, generator=gen) for n in sizes]
+    gpu, gpu_g = [p.cuda() for p in params], [g.cuda() for g in grads]
+    args = (2**40 + 3, 12, 1e-2, 1e-3, 0.0, 1e-3, 0.02, 0.03)
+    ext.fused_step_(gpu, gpu_g, [], ids, *args, offsets=offsets)
+    # CUDA's first table: the small tensor's 2 chunks, then 2046 of the big one, whose chunks start
+    # at global element 4 (local -2); Triton's programs need not split there
+    boundary = 2046 * 4096 - 2
+    for t, lo, hi in [(0, 0, sizes[0]), (1, 0, 4096), (1, boundary - 4096, boundary + 4096),
+                      (1, sizes[1] - 4101, sizes[1])]:
+        p, g = [params[t][lo:hi].clone()], [grads[t][lo:hi].clone()]
+        R.fused_step_(p, g, [], [ids[t]], *args, offsets=[offsets[t] + lo])
+        assert_step_close(gpu[t][lo:hi].cpu(), p[0], 0.02 + 0.03 + 1e-3)
