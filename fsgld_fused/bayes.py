@@ -109,7 +109,10 @@ def bma_log_probs(model: torch.nn.Module, samples: Iterable[dict[str, torch.Tens
     a SampleCollector on disk yields them one by one, and memory stays one model's worth."""
     total, count = None, 0
     for sd in samples:
-        lp = torch.log_softmax(functional_call(model, sd, (x,), strict=True).float(), dim=-1)
+        missing = model.state_dict().keys() - sd.keys()  # non-persistent buffers are the model's own
+        if missing:
+            raise ValueError(f"a sample lacks {sorted(missing)[:3]} of the model's state_dict")
+        lp = torch.log_softmax(functional_call(model, sd, (x,)).float(), dim=-1)
         total = lp if total is None else torch.logaddexp(total, lp)
         count += 1
     if count == 0:
@@ -132,8 +135,8 @@ def ece(log_probs: torch.Tensor, y: torch.Tensor, bins: int = 15) -> float:
     """Expected calibration error (L1) with `bins` equal-width confidence bins (lo, hi]."""
     conf, pred = log_probs.float().exp().max(-1)
     correct = (pred == y).float()
-    which = torch.bucketize(conf, torch.linspace(0, 1, bins + 1), right=False).clamp_(1, bins) - 1
-    gap = torch.zeros(bins).index_add_(0, which, conf - correct)  # per bin: sum of confidence - accuracy
+    which = torch.bucketize(conf, torch.linspace(0, 1, bins + 1, device=conf.device), right=False).clamp_(1, bins) - 1
+    gap = torch.zeros(bins, device=conf.device).index_add_(0, which, conf - correct)  # per bin: sum of confidence - accuracy
     return (gap.abs().sum() / len(y)).item()
 
 
@@ -144,7 +147,7 @@ def brier(log_probs: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def predictive_entropy(log_probs: torch.Tensor) -> torch.Tensor:
-    return Categorical(logits=log_probs).entropy()
+    return Categorical(logits=log_probs, validate_args=False).entropy()  # a diverged row: NaN, not an error
 
 
 def auroc(scores_in: torch.Tensor, scores_out: torch.Tensor) -> float:

@@ -257,9 +257,15 @@ def settings(args: argparse.Namespace, device: torch.device) -> tuple[list[int],
     repeat = args.repeat if args.repeat is not None else 3 if args.quick else 7
     if args.include is not None:
         include = set(filter(None, args.include.split(",")))
+        unknown = sorted(include - INCLUDABLE)
+        if unknown:
+            _cli.fail(f"bench --include {','.join(unknown)}: choose from {', '.join(sorted(INCLUDABLE))} ('' for none)")
     else:  # Inductor's C++ compile of 100 tensors takes minutes on 2 cores
         include = set() if args.quick and device.type == "cpu" else {"compile"}
     return sizes, repeat, include
+
+
+INCLUDABLE = {"compile", "reference"}  # the extra variants --include names
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -390,8 +396,8 @@ def _ratios(result: dict) -> None:
         if "SGD fused" in rows:
             base = rows["SGD fused"]
             r["x_sgd_fused"] = r["median_s"] / base["median_s"]
-            # the two IQRs together exceed the difference: this run does not resolve the ratio
-            r["x_sgd_fused_unresolved"] = r["iqr_s"] + base["iqr_s"] > abs(r["median_s"] - base["median_s"])
+            if r is not base:  # the two IQRs together exceed the difference: this run does not resolve it
+                r["x_sgd_fused_unresolved"] = r["iqr_s"] + base["iqr_s"] > abs(r["median_s"] - base["median_s"])
         if "naive fSGLD (eager)" in rows:
             r["speedup_vs_naive"] = rows["naive fSGLD (eager)"]["median_s"] / r["median_s"]
         copy = rows["device copy"]["achieved_GBps"] if "device copy" in rows else result.get("copy_bandwidth_GBps")
@@ -488,8 +494,9 @@ def print_table(result: dict, variants: Optional[set[str]] = None) -> None:
             continue
         print(f"{r['dtype']:8s} {r['layout']:11s} {r['params']:13,d} {r['variant']:28s} {r['median_s'] * 1e3:10.3f} "
               f"{r['iqr_s'] * 1e3:8.3f} {r['bytes_per_param']:7g} {r['achieved_GBps']:7.1f} "
-              f"{r.get('copy_fraction', float('nan')):7.2f} {r.get('x_sgd_fused', float('nan')):11.2f}")
-    if any(r.get("x_sgd_fused_unresolved") and r["variant"] != "SGD fused" for r in result["runs"]):
+              f"{r.get('copy_fraction', float('nan')):7.2f} {r.get('x_sgd_fused', float('nan')):11.2f}"
+              f"{'~' if r.get('x_sgd_fused_unresolved') else ''}")
+    if any(r.get("x_sgd_fused_unresolved") for r in result["runs"]):
         print("~: the IQRs of the row and of SGD fused together exceed their difference; this run does not "
               "resolve that ratio (a loaded machine? raise --repeat)")
     failed = [r for r in result["runs"] if "error" in r]

@@ -74,8 +74,14 @@ def test_bma_averages_probabilities_not_logits():
     lp = bayes.bma_log_probs(model, [s1, s2], x)
     torch.testing.assert_close(lp.exp(), torch.tensor([[0.5, 0.5]]), atol=1e-4, rtol=0)
     assert torch.equal(model.weight, before)
-    with pytest.raises(RuntimeError, match="weight"):  # a sample that misses a weight is an error
+    with pytest.raises(ValueError, match="weight"):  # a sample that misses a weight is an error
         bayes.bma_log_probs(model, [{}], x)
+    # a non-persistent buffer (never in a state_dict, so never in a sample) is the model's own
+    model.register_buffer("shift", torch.zeros(2), persistent=False)
+    model.register_forward_hook(lambda m, inp, out: out + m.shift)
+    torch.testing.assert_close(bayes.bma_log_probs(model, [s1, s2], x), lp)
+    # a diverged sample's row is NaN, not an error
+    assert bayes.predictive_entropy(torch.tensor([[float("nan"), 0.0], [0.0, 0.0]])).isnan().tolist() == [True, False]
 
 
 def test_metrics_on_known_values():

@@ -198,3 +198,19 @@ def test_a_ratio_inside_the_spread_is_flagged(capsys, monkeypatch):
         assert ("note: load average 100.0" in out) == flagged  # a loaded machine is named
         line = next(l for l in out.splitlines() if l.startswith("FSGLD backend=cpu"))
         assert line.endswith("~") == flagged, line
+
+
+def test_bench_refuses_an_unknown_include(capsys):
+    assert "--include compiel: choose from compile, reference" in _error(capsys, TINY_BENCH[:-1] + ["compiel"])
+
+
+def test_gpu_report_writes_under_the_same_rule(tmp_path):
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "run.json"
+    os.mkfifo(fifo)
+    report = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "bench", "gpu_report.py")
+    res = subprocess.run([sys.executable, report, "env", str(fifo), "480", "build=95"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode != 0 and "is a FIFO" in res.stderr and stat.S_ISFIFO(os.stat(fifo).st_mode)
