@@ -68,6 +68,8 @@ def _check_hparams(group: dict[str, Any], capturable: bool = False) -> None:
         # is not range-checked here (that would be a host sync).
         if not capturable or lr.numel() != 1 or lr.dtype != torch.float32:
             raise ValueError("a Tensor lr needs capturable=True and a one-element float32 tensor")
+    elif torch.compiler.is_compiling():
+        pass  # a compiled step takes a float lr as a graph input: comparing it would specialise the graph on it
     elif lr is not required and not 0.0 <= lr < math.inf:  # lr = 0: no update, no Langevin noise
         raise ValueError(f"Invalid learning rate: {lr!r} (need a finite float >= 0)")
     if beta is not required and not beta > 0.0:  # also refuses NaN; beta = inf is noise-free
@@ -177,6 +179,20 @@ def _state_for(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     index = tuple(slice(o, o + n) for o, n in zip(global_offset, local_shape))
     return _state_like(p, value[index].contiguous())
 
+
+def _fitted(p: torch.Tensor, local: torch.Tensor, value: Any, dtype: torch.dtype, key: str,
+            pid: Optional[int]) -> Optional[torch.Tensor]:
+    """None if the state tensor `value` of p is what the kernels take (contiguous, `dtype`, on p's
+    device, p's local shape), else its converted copy; a shape that differs is refused."""
+    if not isinstance(value, torch.Tensor):
+        raise RuntimeError(f"optimizer state {key!r} of param {pid} is a {type(value).__name__}, not a tensor")
+    v = _local(value)[0]
+    if v.shape != local.shape:
+        raise RuntimeError(f"optimizer state {key!r} of param {pid} has shape {tuple(v.shape)}, the parameter "
+                           f"{tuple(local.shape)}: it cannot be converted (was the parameter resized?)")
+    if v.dtype == dtype and v.device == local.device and v.is_contiguous():
+        return None
+    return _state_like(p, v.to(device=local.device, dtype=dtype, memory_format=torch.contiguous_format, copy=True))
 
 
 @dataclass
@@ -326,8 +342,9 @@ class FSGLD(Optimizer):
         #   seed: the stream's 64-bit key
         #   step: the counter k of the noise stream, a Python int (never cast by load_state_dict)
         #   skipped_steps: steps skipped for non-finite gradients or AMP overflow
-        #   step_t: capturable only, one int64 counter per device, advanced on the device; when
-        #     present it is the authoritative k
+        #   step_t: one int64 counter per device, advanced on the device; when present it is the
+        #     authoritative k. Made by capturable=True and by the first compiled step (torch.compile
+        #     guards on a Python int's value: a host counter would recompile the step every step)
         # The perturbation applied to each param is in its state: _applied(self.state[p]).
         self._chain: dict[str, Any] = {"seed": _check_seed(seed), "step": 0, "skipped_steps": 0, "step_t": {}}
         super().__init__(params, defaults)
@@ -360,23 +377,42 @@ class FSGLD(Optimizer):
             _set_applied(state, *_applied(state))
             state.update(self._new_state(group, p, state))
 
-    def _new_state(self, group: dict[str, Any], p: torch.Tensor, state: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """The master and momentum buffer a trainable param needs and lacks (returned, not stored,
-        so a step can create them and still change nothing if it fails its checks)."""
+    def _new_state(self, group: dict[str, Any], p: torch.Tensor, state: dict[str, Any],
+                   pid: Optional[int] = None, momentum: bool = True) -> dict[str, torch.Tensor]:
+        """The master and momentum buffer a trainable param needs and lacks, and those it has in a
+        form no kernel takes (returned, not stored, so a step can create or convert them and still
+        change nothing if it fails its checks).
+
+        Every kernel takes a master as a contiguous fp32 tensor and a momentum buffer as a
+        contiguous tensor of the param's dtype (fp32 with a master), both shaped and placed like
+        the param. One whose dtype, device or layout no longer fits (the param was cast or moved
+        mid-run, or the state was set by hand) is converted, as `torch.optim`'s load_state_dict
+        does; one of another shape cannot be, and is refused here, before any launch."""
         new: dict[str, torch.Tensor] = {}
         if not p.requires_grad:
             return new
         local = _local(p.detach())[0]
-        if group["master_weights"] and p.dtype in _LOW_PRECISION and "master" not in state:
+        if "master" in state:
+            master = _fitted(p, local, state["master"], torch.float32, "master", pid)
+            if master is not None:
+                new["master"] = master
+        elif group["master_weights"] and p.dtype in _LOW_PRECISION:
             if _applied(state)[0] != 0.0:
                 raise RuntimeError("master_weights was turned on while the weights are perturbed: call restore() "
                                    "first, so that the fp32 master copies clean weights")
             new["master"] = _state_like(p, local.float().clone(memory_format=torch.contiguous_format))
-        if group["momentum"] != 0.0 and "momentum_buffer" not in state:
-            # zeros: momentum * 0 + d == d on the first step, exactly as SGD's buf = d
-            like = new.get("master", state.get("master"))
-            like = local if like is None else _local(like)[0]
-            new["momentum_buffer"] = _state_like(p, torch.zeros_like(like, memory_format=torch.contiguous_format))
+        if group["momentum"] != 0.0 and momentum:  # a param stepped without a grad needs no buffer yet
+            has_master = "master" in new or "master" in state
+            if "momentum_buffer" in state:
+                buf = _fitted(p, local, state["momentum_buffer"], torch.float32 if has_master else p.dtype,
+                              "momentum_buffer", pid)
+                if buf is not None:
+                    new["momentum_buffer"] = buf
+            else:
+                # zeros: momentum * 0 + d == d on the first step, exactly as SGD's buf = d
+                dtype = torch.float32 if has_master else p.dtype
+                new["momentum_buffer"] = _state_like(p, torch.zeros_like(local, dtype=dtype,
+                                                                         memory_format=torch.contiguous_format))
         return new
 
     @property
@@ -392,12 +428,15 @@ class FSGLD(Optimizer):
         return self._chain["step"]
 
     def _step_arg(self, device: torch.device, ahead: int = 0) -> tuple[int, Optional[torch.Tensor]]:
-        """(step, step_t) for a kernel call: the host counter, or the device counter (capturable)."""
-        if not self.capturable:
-            return self._chain["step"] + ahead, None
+        """(step, step_t) for a kernel call: the host counter, or the device counter (capturable,
+        compiled, or any step after a compiled one)."""
         counters = self._chain["step_t"]
-        if device not in counters:
-            counters[device] = torch.full((1,), self.step_count, dtype=torch.int64, device=device)
+        if not counters and not (self.capturable or torch.compiler.is_compiling()):
+            return self._chain["step"] + ahead, None
+        if device not in counters:  # from another device's counter without a sync, else from the host's
+            other = next(iter(counters.values()), None)
+            counters[device] = (torch.full((1,), self._chain["step"], dtype=torch.int64, device=device)
+                                if other is None else other.to(device, copy=True))
         t = counters[device]
         return 0, (t if ahead == 0 else t + ahead)
 
@@ -444,18 +483,29 @@ class FSGLD(Optimizer):
         return local.contiguous(), offset, local
 
     def _master(self, p: torch.Tensor, new: Optional[dict] = None) -> Optional[torch.Tensor]:
-        """The fp32 master the kernels update (its local shard for a DTensor param), or None."""
+        """The fp32 master the kernels update (its local shard for a DTensor param), or None;
+        `new`: the param's state that a step creates or converts (_new_state)."""
         master = (new or {}).get("master", self.state[p].get("master"))
         return None if master is None else _local(master)[0]
+
+    def _master_now(self, p: torch.Tensor, pid: int) -> Optional[torch.Tensor]:
+        """_master outside a step (perturb, restore): a master no kernel takes is converted now
+        (to contiguous fp32 on p's device: no value changes)."""
+        state = self.state[p]
+        if "master" in state and p.requires_grad:
+            fitted = _fitted(p, _local(p.detach())[0], state["master"], torch.float32, "master", pid)
+            if fitted is not None:
+                state["master"] = fitted
+        return self._master(p)
 
     @staticmethod
     def _touchable(p: torch.Tensor) -> bool:
         """Frozen params are never touched; meta tensors hold no data to touch."""
         return p.requires_grad and p.device.type != "meta"
 
-    def _shift_call(self, calls: dict, group, p, pid, applied: tuple[float, bool], view, substream: int = 0) -> None:
+    def _shift_call(self, calls: dict, group, p, pid, applied: tuple[float, bool], view, master,
+                    substream: int = 0) -> None:
         """Add p to the restore_/perturb_ call of its (backend, device, dtype, perturbation, master)."""
-        master = self._master(p)
         key = (group["backend"], p.device, p.dtype, applied, substream, master is not None)
         if key not in calls:
             calls[key] = _Call(self._backend(group, p), p.device, applied[0], applied[1], substream)
@@ -486,7 +536,7 @@ class FSGLD(Optimizer):
             for p, pid in zip(group["params"], pids):
                 state = self.state[p]
                 if pert[0] != 0.0 and self._touchable(p) and _applied(state)[0] == 0.0:
-                    self._shift_call(calls, group, p, pid, pert, self._view(p))
+                    self._shift_call(calls, group, p, pid, pert, self._view(p), self._master_now(p, pid))
                     applied.append((state, pert))
         self._run_shifts(calls, 0, perturb=True)
         for state, pert in applied:
@@ -502,7 +552,7 @@ class FSGLD(Optimizer):
             for p, pid in zip(group["params"], pids):
                 state = self.state[p]
                 if _applied(state)[0] != 0.0 and p.device.type != "meta":
-                    self._shift_call(calls, group, p, pid, _applied(state), self._view(p))
+                    self._shift_call(calls, group, p, pid, _applied(state), self._view(p), self._master(p))
                     restored.append(state)
         self._run_shifts(calls, 0, perturb=False)
         for state in restored:
@@ -522,7 +572,7 @@ class FSGLD(Optimizer):
                 calls: dict = {}
                 for (group, p, pid), pert in zip(params, applied):
                     if pert[0] != 0.0:
-                        self._shift_call(calls, group, p, pid, pert, self._view(p))
+                        self._shift_call(calls, group, p, pid, pert, self._view(p), self._master_now(p, pid))
                 self._run_shifts(calls, 0, perturb=True)
             for (_, p, _), pert in zip(params, applied):
                 _set_applied(self.state[p], *pert)
@@ -541,32 +591,33 @@ class FSGLD(Optimizer):
             old = _applied(state)
             if not self._touchable(p):
                 if old[0] != 0.0 and p.device.type != "meta":  # frozen since it was perturbed
-                    self._shift_call(plan.restores, group, p, pid, old, self._view(p))
+                    self._shift_call(plan.restores, group, p, pid, old, self._view(p), self._master(p))
                     plan.applied.append((state, (0.0, False)))
                 continue
             view = self._view(p)
             plan.applied.append((state, new_pert))
             g = p.grad
-            if g is None and not self.capturable:  # no grad: no update, no noise; the perturbation moves on
-                if old[0] != 0.0:
-                    self._shift_call(plan.restores, group, p, pid, old, view)
-                if plan.new_sigma != 0.0:
-                    self._shift_call(plan.perturbs, group, p, pid, new_pert, view)
-                continue
-            if g is not None:
-                if g.is_sparse:
-                    raise RuntimeError("FSGLD does not support sparse gradients")
-                if g.is_complex() or g.shape != p.shape or g.device != p.device:
-                    raise RuntimeError(f"gradient of shape {tuple(g.shape)} / {g.dtype} on {g.device} does not "
-                                       f"match its parameter (param {pid})")
-            backend = self._backend(group, p)
-            if isinstance(lr, torch.Tensor) and lr.device != p.device:
-                raise ValueError(f"a Tensor lr must live on the params' device ({p.device}), not {lr.device}")
-            new = self._new_state(group, p, state)
+            update = g is not None  # capturable: a grad-less param steps with no update (no host branch)
+            new = self._new_state(group, p, state, pid, momentum=update)
             if new:
                 new_state[p] = new
             master = self._master(p, new)
-            update = g is not None  # capturable: a grad-less param steps with no update (no host branch)
+            if not update and not self.capturable:  # no grad: no update, no noise; the perturbation moves on
+                if old[0] != 0.0:
+                    self._shift_call(plan.restores, group, p, pid, old, view, master)
+                if plan.new_sigma != 0.0:
+                    self._shift_call(plan.perturbs, group, p, pid, new_pert, view, master)
+                continue
+            if update:
+                if g.is_sparse:
+                    raise RuntimeError("FSGLD does not support sparse gradients")
+                if g.is_complex() or g.shape != p.shape or g.device != p.device or g.dtype != p.dtype:
+                    raise RuntimeError(f"gradient of shape {tuple(g.shape)} / {g.dtype} on {g.device} does not "
+                                       f"match its parameter of shape {tuple(p.shape)} / {p.dtype} on {p.device} "
+                                       f"(param {pid})")
+            backend = self._backend(group, p)
+            if isinstance(lr, torch.Tensor) and lr.device != p.device:
+                raise ValueError(f"a Tensor lr must live on the params' device ({p.device}), not {lr.device}")
             restore = (0.0, False) if master is not None else old  # a master is clean: nothing to restore
             key = (group["backend"], p.device, p.dtype, restore, master is not None, update)
             if key not in plan.stepped:
@@ -614,10 +665,16 @@ class FSGLD(Optimizer):
         for plan in plans:
             group = plan.group
             lr = group["lr"]
-            lr_t = lr if isinstance(lr, torch.Tensor) else None
+            # Compiled, a float lr travels as a tensor too: passed to an op as a float, Dynamo would
+            # guard on its value and recompile at every change of a schedule.
+            as_tensor = isinstance(lr, torch.Tensor) or torch.compiler.is_compiling()
             # with a tensor lr the kernel computes sqrt(2 / beta) * sqrt(lr) on the device
-            noise_std = math.sqrt(2.0 / group["beta"]) if lr_t is not None else math.sqrt(2.0 * lr / group["beta"])
+            noise_std = math.sqrt(2.0 / group["beta"]) if as_tensor else math.sqrt(2.0 * lr / group["beta"])
             for (_, device, _, _, _, update), call in plan.stepped.items():
+                lr_t = None
+                if as_tensor:
+                    # ones * lr: Dynamo keeps the float an input there (torch.full would specialise it)
+                    lr_t = lr if isinstance(lr, torch.Tensor) else torch.ones(1, device=device).mul_(lr)
                 scale = None if grad_scale is None else grad_scale.to(device=device, dtype=torch.float32)
                 if group["maximize"] and update:  # d = g * (1 / -scale) = -g / scale: exact negation
                     scale = -scale if scale is not None else torch.full((1,), -1.0, device=device)
@@ -666,7 +723,8 @@ class FSGLD(Optimizer):
                 sigma, rademacher = self.group_perturbation(group)
                 if sigma != 0.0:
                     sign, sub = (-1.0 if j else 1.0, 0) if antithetic else (1.0, j)
-                    self._shift_call(calls, group, p, pid, (sign * sigma, rademacher), self._view(p), sub)
+                    self._shift_call(calls, group, p, pid, (sign * sigma, rademacher), self._view(p),
+                                     self._master_now(p, pid), sub)
                 p.grad = None
             self._run_shifts(calls, 0, perturb=True)
             try:
@@ -725,7 +783,7 @@ class FSGLD(Optimizer):
 
         # capturable: no host branch on found_inf, the kernels read it (and change nothing if set)
         self._run_step(plans, new_state, grad_scale, found_inf if self.capturable else None)
-        if self.capturable:  # advanced on the device: k + 1, or k again after an AMP overflow
+        if self._chain["step_t"]:  # advanced on the device: k + 1, or k again after an AMP overflow
             for device, t in self._chain["step_t"].items():
                 if found_inf is None:
                     t.add_(1)
