@@ -29,6 +29,7 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import required
 
 from . import _backends
+from ._plan import StepPlan, check_lr
 from .reference import substream_offset
 
 __all__ = ["FSGLD"]
@@ -347,6 +348,7 @@ class FSGLD(Optimizer):
         #     guards on a Python int's value: a host counter would recompile the step every step)
         # The perturbation applied to each param is in its state: _applied(self.state[p]).
         self._chain: dict[str, Any] = {"seed": _check_seed(seed), "step": 0, "skipped_steps": 0, "step_t": {}}
+        self._cache: dict[str, Optional[StepPlan]] = {"plan": None}  # the eager step's plan (_plan.py)
         super().__init__(params, defaults)
 
     # -- construction --------------------------------------------------------------------
@@ -371,6 +373,7 @@ class FSGLD(Optimizer):
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         _check_hparams(merged, self.capturable)
         super().add_param_group({**param_group, "params": params})
+        self._drop_plan()
         group = self.param_groups[-1]
         for p in group["params"]:  # weights are clean now: masters copy them before any perturbation
             state = self.state[p]
@@ -414,6 +417,10 @@ class FSGLD(Optimizer):
                 new["momentum_buffer"] = _state_like(p, torch.zeros_like(local, dtype=dtype,
                                                                          memory_format=torch.contiguous_format))
         return new
+
+    def _drop_plan(self) -> None:
+        """Forget the cached step plan (the applied perturbation or the state changed)."""
+        self._cache["plan"] = None
 
     @property
     def seed(self) -> int:
@@ -538,6 +545,7 @@ class FSGLD(Optimizer):
                 if pert[0] != 0.0 and self._touchable(p) and _applied(state)[0] == 0.0:
                     self._shift_call(calls, group, p, pid, pert, self._view(p), self._master_now(p, pid))
                     applied.append((state, pert))
+        self._drop_plan()
         self._run_shifts(calls, 0, perturb=True)
         for state, pert in applied:
             _set_applied(state, *pert)
@@ -554,6 +562,7 @@ class FSGLD(Optimizer):
                 if _applied(state)[0] != 0.0 and p.device.type != "meta":
                     self._shift_call(calls, group, p, pid, _applied(state), self._view(p), self._master(p))
                     restored.append(state)
+        self._drop_plan()
         self._run_shifts(calls, 0, perturb=False)
         for state in restored:
             _set_applied(state, 0.0, False)
@@ -576,6 +585,7 @@ class FSGLD(Optimizer):
                 self._run_shifts(calls, 0, perturb=True)
             for (_, p, _), pert in zip(params, applied):
                 _set_applied(self.state[p], *pert)
+            self._drop_plan()
 
     # -- the step ------------------------------------------------------------------------
     # Not named _init_group: Dynamo special-cases that name with torch.optim's return contract.
@@ -650,16 +660,38 @@ class FSGLD(Optimizer):
         for device, grads in by_device.items():
             if device.type == "cuda":  # one fused multi-tensor launch; NaN and inf reach the max
                 summary = [n.float() for n in torch._foreach_norm(grads, math.inf)]
+                if not bool(torch.isfinite(torch.stack(summary)).all()):
+                    return False
             else:
-                # On CPU the inf-norm ran at 3 GB/s (64M params: 93 ms) and float32 sums at 30 GB/s
-                # (9 ms). A NaN or inf makes a sum non-finite; so would a float32 overflow of the
-                # sum (|sum| > 3.4e38), which we accept as non-finite too.
-                summary = [g.sum(dtype=torch.float32) for g in grads]
-            if not bool(torch.isfinite(torch.stack(summary)).all()):
-                return False
+                # One multi-tensor pass: GradScaler's own check, unscaling by exactly 1 (the grads keep
+                # their values). Measured on CPU, one thread, alternated: 0.85 ms for 1000 grads of 16
+                # elements (one sum per grad: 7.9 ms, _foreach_norm: 5.7 ms); 6.9 ms for 16M elements
+                # (sums: 8.1 ms, the inf-norm: 95 ms).
+                found = torch.zeros(1, device=device)
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones(1, device=device))
+                if found.item() != 0.0:
+                    return False
         return True
 
-    def _run_step(self, plans: list[_GroupPlan], new_state: dict, grad_scale, found_inf) -> None:
+    def _cached_plan(self) -> tuple[list[_GroupPlan], dict, list]:
+        """(group plans, state they create, applied perturbations they change): the cached plan
+        with this step's grads if it still holds, else a new one. A compiled step plans in its
+        trace (the graph keeps nothing of the planning) and caches nothing."""
+        if torch.compiler.is_compiling():
+            plans, new_state = self._plan_step()
+            return plans, new_state, [a for plan in plans for a in plan.applied]
+        plan = self._cache["plan"]
+        grads = None if plan is None else plan.grads(self)
+        if grads is None:
+            plan = StepPlan(self, *self._plan_step())
+            self._cache["plan"] = plan if plan.reusable else None
+        else:
+            for group in self.param_groups:
+                check_lr(group)
+            plan.bind(grads)
+        return plan.groups, plan.new_state, plan.applied
+
+    def _run_step(self, plans: list[_GroupPlan], new_state: dict, applied: list, grad_scale, found_inf) -> None:
         for p, new in new_state.items():
             self.state[p].update(new)
         for plan in plans:
@@ -694,8 +726,8 @@ class FSGLD(Optimizer):
                 call.write_back()
             self._run_shifts(plan.restores, 0, perturb=False)
             self._run_shifts(plan.perturbs, 1, perturb=True)
-            for state, pert in plan.applied:
-                _set_applied(state, *pert)
+        for state, pert in applied:
+            _set_applied(state, *pert)
 
     def _perturbations_per_step(self) -> tuple[int, bool]:
         """(n_pert, antithetic): one closure evaluation perturbs every group, so all agree."""
@@ -737,6 +769,7 @@ class FSGLD(Optimizer):
                     sums[p] = p.grad if p not in sums else sums[p].add_(p.grad)
         for _, p, _ in params:
             p.grad = sums[p].div_(n_pert) if p in sums else None
+        self._drop_plan()
         if all(isinstance(x, torch.Tensor) for x in losses):
             return torch.stack([x.detach() for x in losses]).mean()
         return losses[-1]
@@ -765,7 +798,7 @@ class FSGLD(Optimizer):
                 self.restore()
                 raise
 
-        plans, new_state = self._plan_step()
+        plans, new_state, applied = self._cached_plan()
         # AMP: GradScaler hands us its scale and overflow flag (and has checked the grads itself).
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         if found_inf is not None and not self.capturable:
@@ -782,7 +815,7 @@ class FSGLD(Optimizer):
             return loss
 
         # capturable: no host branch on found_inf, the kernels read it (and change nothing if set)
-        self._run_step(plans, new_state, grad_scale, found_inf if self.capturable else None)
+        self._run_step(plans, new_state, applied, grad_scale, found_inf if self.capturable else None)
         if self._chain["step_t"]:  # advanced on the device: k + 1, or k again after an AMP overflow
             for device, t in self._chain["step_t"].items():
                 if found_inf is None:
@@ -866,6 +899,7 @@ class FSGLD(Optimizer):
     @staticmethod
     def _chain_after_load(opt: "FSGLD") -> None:
         loading = opt.__dict__.pop("_loading")
+        opt._drop_plan()
         for group in opt.param_groups:  # checkpoints from before an option existed
             for key, value in opt.defaults.items():
                 group.setdefault(key, value)
@@ -893,6 +927,7 @@ class FSGLD(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._cache = {"plan": None}
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
