@@ -127,10 +127,16 @@ def test_the_plan_is_reused_in_steady_state():
     model = _model()
     opt = FSGLD(model.parameters(), **HP)
     x = torch.randn(5, 4)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
     plans = []
     for _ in range(4):
         _backward(model, x)
         opt.step()
+        sched.step()  # a float lr is read at launch: changing it keeps the plan
         plans.append(opt._cache["plan"])
     # step 0 creates buffers and perturbs, step 1 builds the steady plan, steps 2 and 3 reuse it
     assert plans[0] is None and plans[1] is not None and plans[1] is plans[2] is plans[3]
+    opt.param_groups[0]["lr"] = float("nan")
+    _backward(model, x)
+    with pytest.raises(ValueError, match="Invalid learning rate"):  # still checked at every step
+        opt.step()
