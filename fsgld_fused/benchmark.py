@@ -97,8 +97,14 @@ def transformer_shapes(total: int) -> list[tuple[int, ...]]:
     return block * max(1, round(total / per_block))
 
 
+HOST_NUMEL = 16  # layout "host": tensors this small, so a step's host (Python + launch) cost is all that shows
+
+
 def make_tensors(total: int, layout: str, device, dtype=torch.float32):
-    shapes = transformer_shapes(total) if layout == "transformer" else [(total,)]
+    if layout == "host":  # total // 16 tensors of 16 elements (issue 23's host-bound case)
+        shapes = [(HOST_NUMEL,)] * max(1, total // HOST_NUMEL)
+    else:
+        shapes = transformer_shapes(total) if layout == "transformer" else [(total,)]
     params = [(torch.randn(s, device=device) * 0.02).to(dtype) for s in shapes]
     grads = [(torch.randn(s, device=device) * 1e-3).to(dtype) for s in shapes]
     return params, grads
@@ -449,8 +455,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", type=_cli.size_list,
                    help="comma-separated parameter counts, K/M/G suffixes allowed (default: 16M,128M,1G on "
                         "cuda; 1M,4M,16M,64M on cpu; 1M,4M with --quick)")
-    p.add_argument("--layout", choices=["transformer", "flat", "both"], default="both",
-                   help="~100 transformer-shaped tensors, one flat tensor, or both")
+    p.add_argument("--layout", choices=["transformer", "flat", "both", "host"], default="both",
+                   help="~100 transformer-shaped tensors, one flat tensor, both, or host: tensors of 16 "
+                        "elements (size / 16 of them), where only the host cost of a step shows")
     p.add_argument("--dtypes", default="float32",
                    help="comma-separated: float32, bfloat16 (bf16 params; FSGLD with fp32 master weights)")
     p.add_argument("--repeat", type=_cli.positive_int,

@@ -11,47 +11,30 @@ Training loop (the same as `torch.optim.SGD`)::
 The first step's gradient is taken at the weights as they are (clean) unless `perturb()` was
 called first. `unperturbed()` hands the clean weights to evaluation or checkpointing.
 
-How a step runs: `_plan_step` collects every tensor into kernel calls (one per backend, device,
-dtype and applied perturbation) and checks everything a kernel could refuse; only then does
-`_run_step` touch a tensor, so a step that fails changes nothing.
+How a step runs: the plan (`_plan.py`) puts every tensor into kernel calls (one per backend,
+device, dtype and applied perturbation) and checks everything a kernel could refuse; it is built
+once and reused while it holds. Only then does `_run_step` touch a tensor, so a step that fails
+changes nothing. Checkpoints (the chain in every parameter's state): `_checkpoint.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections import defaultdict
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import required
 
-from . import _backends
-from .reference import substream_offset
+from . import _backends, _checkpoint, _plan
+from ._checkpoint import _check_seed
+from ._plan import _applied, _GroupPlan, _set_applied
 
 __all__ = ["FSGLD"]
 
-_SEED_LIMIT = 1 << 64
 _NONFINITE = ("raise", "skip", "ignore")
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
 _PERTURBATIONS = ("gaussian", "rademacher")
-# The chain state every parameter's entry of state_dict() carries (plain Python numbers, which
-# load_state_dict never casts). Per parameter, not top-level: torch.distributed.checkpoint keeps
-# only "state" and "param_groups". The perturbation applied to a parameter lives in its state
-# all the time ("applied_sigma", "applied_rademacher"), so the optimizer's state is never empty
-# and DCP never runs its zero-lr initialisation step on it.
-_CHAIN_KEYS = ("seed", "step", "skipped_steps")
-
-
-def _applied(state: dict[str, Any]) -> tuple[float, bool]:
-    """(sigma, rademacher) of the perturbation a param carries now; sigma 0.0 means clean."""
-    return state.get("applied_sigma", 0.0), state.get("applied_rademacher", False)
-
-
-def _set_applied(state: dict[str, Any], sigma: float, rademacher: bool) -> None:
-    state["applied_sigma"], state["applied_rademacher"] = float(sigma), bool(rademacher) and sigma != 0.0
 
 
 def coupled_sigma(beta: float, eta: float) -> float:
@@ -68,6 +51,8 @@ def _check_hparams(group: dict[str, Any], capturable: bool = False) -> None:
         # is not range-checked here (that would be a host sync).
         if not capturable or lr.numel() != 1 or lr.dtype != torch.float32:
             raise ValueError("a Tensor lr needs capturable=True and a one-element float32 tensor")
+    elif torch.compiler.is_compiling():
+        pass  # a compiled step takes a float lr as a graph input: comparing it would specialise the graph on it
     elif lr is not required and not 0.0 <= lr < math.inf:  # lr = 0: no update, no Langevin noise
         raise ValueError(f"Invalid learning rate: {lr!r} (need a finite float >= 0)")
     if beta is not required and not beta > 0.0:  # also refuses NaN; beta = inf is noise-free
@@ -107,12 +92,6 @@ def _check_hparams(group: dict[str, Any], capturable: bool = False) -> None:
     _backends.check_backend_name(group["backend"])
 
 
-def _check_seed(seed: Any) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _SEED_LIMIT:
-        raise ValueError(f"Invalid seed: {seed!r} (need an int in [0, 2**64))")
-    return seed
-
-
 def _sync_seed(seed: int, given: bool) -> int:
     """Data-parallel replicas must draw identical noise: with a process group initialised, a
     drawn seed is broadcast from rank 0 and a given one is checked equal on every rank."""
@@ -129,108 +108,6 @@ def _sync_seed(seed: int, given: bool) -> int:
     box = [seed]
     dist.broadcast_object_list(box, src=0)
     return int(box[0])
-
-
-def _local(t: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The tensor a kernel updates and the global row-major index of its first element.
-
-    A DTensor (FSDP2's sharded parameters) contributes its local shard, which draws exactly its
-    slice of the unsharded stream. That slice must be one contiguous range of the global order:
-    sharded on the leading dimension only (FSDP2's Shard(0)).
-    """
-    if not hasattr(t, "device_mesh"):
-        return t, 0
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    local = t.to_local()
-    local_shape, global_offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-    first_partial = next((d for d in range(len(t.shape)) if local_shape[d] != t.shape[d]), len(t.shape))
-    if any(local_shape[d] != t.shape[d] for d in range(first_partial + 1, len(t.shape))):
-        raise ValueError(f"FSGLD: a DTensor sharded as {t.placements} is not one contiguous range of the "
-                         "global element order; shard it on dimension 0 (FSDP2's default)")
-    offset, stride = 0, 1
-    for d in reversed(range(len(t.shape))):
-        offset += global_offset[d] * stride
-        stride *= t.shape[d]
-    return local, offset
-
-
-def _state_like(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-    """Per-parameter state (momentum buffer, master) from its local tensor: for a DTensor param a
-    DTensor laid out like it, so state_dict() and distributed checkpointing see each shard's place
-    in the global tensor (and load_state_dict's shape checks compare global shapes)."""
-    if not hasattr(p, "device_mesh"):
-        return local
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
-
-
-def _state_for(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """A loaded state tensor laid out like p: a full (unsharded) tensor for a DTensor param keeps
-    this rank's slice, which needs no communication (every rank holds the full tensor)."""
-    if not hasattr(p, "device_mesh") or hasattr(value, "device_mesh"):
-        return value
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    local_shape, global_offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-    index = tuple(slice(o, o + n) for o, n in zip(global_offset, local_shape))
-    return _state_like(p, value[index].contiguous())
-
-
-
-@dataclass
-class _Call:
-    """One kernel call: tensors of one (backend, device, dtype) that share an applied sigma.
-
-    `params` are the tensors the kernel writes: a parameter itself, its local shard (DTensor), or
-    a contiguous copy of a strided parameter, written back afterwards (`writeback`).
-    """
-
-    backend: Any
-    device: torch.device
-    sigma: float  # the sigma these params carry now (restore), or the one to add (perturb)
-    rademacher: bool = False  # eps are signs (SPEC 2b), not normals
-    substream: int = 0  # j of n_pert perturbations: the stream shifted by substream_offset(j)
-    params: list = field(default_factory=list)
-    pids: list = field(default_factory=list)
-    offsets: list = field(default_factory=list)
-    masters: list = field(default_factory=list)
-    grads: list = field(default_factory=list)
-    bufs: list = field(default_factory=list)
-    writeback: list = field(default_factory=list)  # (parameter view, contiguous copy)
-
-    def add(self, view, pid, master, grad=None, buf=None):
-        tensor, offset, strided = view
-        self.params.append(tensor)
-        self.pids.append(pid)
-        self.offsets.append(offset + (substream_offset(self.substream, self.rademacher) if self.substream else 0))
-        if master is not None:
-            self.masters.append(master)
-        if grad is not None:
-            self.grads.append(grad)
-        if buf is not None:
-            self.bufs.append(buf)
-        if strided is not None:
-            self.writeback.append((strided, tensor))
-
-    def write_back(self):
-        for dst, src in self.writeback:
-            dst.copy_(src)
-
-
-@dataclass
-class _GroupPlan:
-    """What a step does to one param group: fused-step calls, and shifts (restore at k, perturb
-    at k + 1) for params without a gradient, each list of calls keyed by _Call's identity."""
-
-    group: dict
-    new_sigma: float
-    new_rademacher: bool
-    stepped: dict = field(default_factory=dict)  # (backend, device, dtype, sigma, master, update) -> _Call
-    restores: dict = field(default_factory=dict)  # (backend, device, dtype, sigma, master) -> _Call
-    perturbs: dict = field(default_factory=dict)
-    applied: list = field(default_factory=list)  # (param state, (sigma, rademacher) applied after the step)
 
 
 class FSGLD(Optimizer):
@@ -326,10 +203,12 @@ class FSGLD(Optimizer):
         #   seed: the stream's 64-bit key
         #   step: the counter k of the noise stream, a Python int (never cast by load_state_dict)
         #   skipped_steps: steps skipped for non-finite gradients or AMP overflow
-        #   step_t: capturable only, one int64 counter per device, advanced on the device; when
-        #     present it is the authoritative k
+        #   step_t: one int64 counter per device, advanced on the device; when present it is the
+        #     authoritative k. Made by capturable=True and by the first compiled step (torch.compile
+        #     guards on a Python int's value: a host counter would recompile the step every step)
         # The perturbation applied to each param is in its state: _applied(self.state[p]).
         self._chain: dict[str, Any] = {"seed": _check_seed(seed), "step": 0, "skipped_steps": 0, "step_t": {}}
+        self._cache: dict[str, Optional[_plan.StepPlan]] = {"plan": None}  # the eager step's plan (_plan.py)
         super().__init__(params, defaults)
 
     # -- construction --------------------------------------------------------------------
@@ -354,30 +233,31 @@ class FSGLD(Optimizer):
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         _check_hparams(merged, self.capturable)
         super().add_param_group({**param_group, "params": params})
+        self._drop_plan()
         group = self.param_groups[-1]
         for p in group["params"]:  # weights are clean now: masters copy them before any perturbation
             state = self.state[p]
             _set_applied(state, *_applied(state))
             state.update(self._new_state(group, p, state))
 
-    def _new_state(self, group: dict[str, Any], p: torch.Tensor, state: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """The master and momentum buffer a trainable param needs and lacks (returned, not stored,
-        so a step can create them and still change nothing if it fails its checks)."""
-        new: dict[str, torch.Tensor] = {}
-        if not p.requires_grad:
-            return new
-        local = _local(p.detach())[0]
-        if group["master_weights"] and p.dtype in _LOW_PRECISION and "master" not in state:
-            if _applied(state)[0] != 0.0:
-                raise RuntimeError("master_weights was turned on while the weights are perturbed: call restore() "
-                                   "first, so that the fp32 master copies clean weights")
-            new["master"] = _state_like(p, local.float().clone(memory_format=torch.contiguous_format))
-        if group["momentum"] != 0.0 and "momentum_buffer" not in state:
-            # zeros: momentum * 0 + d == d on the first step, exactly as SGD's buf = d
-            like = new.get("master", state.get("master"))
-            like = local if like is None else _local(like)[0]
-            new["momentum_buffer"] = _state_like(p, torch.zeros_like(like, memory_format=torch.contiguous_format))
-        return new
+    # The step plan (building, checking, caching) lives in _plan.py; these names are its face here.
+    _new_state = _plan._new_state
+    _backend = staticmethod(_plan._backend)
+    _view = staticmethod(_plan._view)
+    _master = _plan._master
+    _master_now = _plan._master_now
+    _touchable = staticmethod(_plan._touchable)
+    _shift_call = _plan._shift_call
+    _plan_group = _plan._plan_group
+    _plan_step = _plan._plan_step
+    _grads = staticmethod(_plan._grads)
+    _grads_are_finite = _plan._grads_are_finite
+    _check_group = staticmethod(_check_hparams)
+    _cached_plan = _plan._cached_plan
+
+    def _drop_plan(self) -> None:
+        """Forget the cached step plan (the applied perturbation or the state changed)."""
+        self._cache["plan"] = None
 
     @property
     def seed(self) -> int:
@@ -392,12 +272,15 @@ class FSGLD(Optimizer):
         return self._chain["step"]
 
     def _step_arg(self, device: torch.device, ahead: int = 0) -> tuple[int, Optional[torch.Tensor]]:
-        """(step, step_t) for a kernel call: the host counter, or the device counter (capturable)."""
-        if not self.capturable:
-            return self._chain["step"] + ahead, None
+        """(step, step_t) for a kernel call: the host counter, or the device counter (capturable,
+        compiled, or any step after a compiled one)."""
         counters = self._chain["step_t"]
-        if device not in counters:
-            counters[device] = torch.full((1,), self.step_count, dtype=torch.int64, device=device)
+        if not counters and not (self.capturable or torch.compiler.is_compiling()):
+            return self._chain["step"] + ahead, None
+        if device not in counters:  # from another device's counter without a sync, else from the host's
+            other = next(iter(counters.values()), None)
+            counters[device] = (torch.full((1,), self._chain["step"], dtype=torch.int64, device=device)
+                                if other is None else other.to(device, copy=True))
         t = counters[device]
         return 0, (t if ahead == 0 else t + ahead)
 
@@ -425,42 +308,6 @@ class FSGLD(Optimizer):
             yield group, list(range(start, start + n))
             start += n
 
-    @staticmethod
-    def _backend(group: dict[str, Any], p: torch.Tensor) -> _backends.Backend:
-        backend = _backends.resolve(group["backend"], p.device, p.dtype)
-        if group["fused"] and backend.name == "reference":
-            raise ValueError(f"fused=True, but no fused kernel runs {p.dtype} parameters on {p.device.type} "
-                             f"here; pass fused=None to let the reference run them")
-        return backend
-
-    @staticmethod
-    def _view(p: torch.Tensor) -> tuple[torch.Tensor, int, Optional[torch.Tensor]]:
-        """(tensor a kernel writes, global index of its first element, strided view to write it
-        back to). The kernels walk the row-major element order of contiguous memory; a strided
-        param goes through a contiguous copy, so every layout takes the fast path."""
-        local, offset = _local(p.detach())
-        if local.is_contiguous():
-            return local, offset, None
-        return local.contiguous(), offset, local
-
-    def _master(self, p: torch.Tensor, new: Optional[dict] = None) -> Optional[torch.Tensor]:
-        """The fp32 master the kernels update (its local shard for a DTensor param), or None."""
-        master = (new or {}).get("master", self.state[p].get("master"))
-        return None if master is None else _local(master)[0]
-
-    @staticmethod
-    def _touchable(p: torch.Tensor) -> bool:
-        """Frozen params are never touched; meta tensors hold no data to touch."""
-        return p.requires_grad and p.device.type != "meta"
-
-    def _shift_call(self, calls: dict, group, p, pid, applied: tuple[float, bool], view, substream: int = 0) -> None:
-        """Add p to the restore_/perturb_ call of its (backend, device, dtype, perturbation, master)."""
-        master = self._master(p)
-        key = (group["backend"], p.device, p.dtype, applied, substream, master is not None)
-        if key not in calls:
-            calls[key] = _Call(self._backend(group, p), p.device, applied[0], applied[1], substream)
-        calls[key].add(view, pid, master)
-
     def _run_shifts(self, calls: dict, ahead: int, perturb: bool) -> None:
         for call in calls.values():
             fn = call.backend.ops.perturb_ if perturb else call.backend.ops.restore_
@@ -486,8 +333,9 @@ class FSGLD(Optimizer):
             for p, pid in zip(group["params"], pids):
                 state = self.state[p]
                 if pert[0] != 0.0 and self._touchable(p) and _applied(state)[0] == 0.0:
-                    self._shift_call(calls, group, p, pid, pert, self._view(p))
+                    self._shift_call(calls, group, p, pid, pert, self._view(p), self._master_now(p, pid))
                     applied.append((state, pert))
+        self._drop_plan()
         self._run_shifts(calls, 0, perturb=True)
         for state, pert in applied:
             _set_applied(state, *pert)
@@ -502,8 +350,9 @@ class FSGLD(Optimizer):
             for p, pid in zip(group["params"], pids):
                 state = self.state[p]
                 if _applied(state)[0] != 0.0 and p.device.type != "meta":
-                    self._shift_call(calls, group, p, pid, _applied(state), self._view(p))
+                    self._shift_call(calls, group, p, pid, _applied(state), self._view(p), self._master(p))
                     restored.append(state)
+        self._drop_plan()
         self._run_shifts(calls, 0, perturb=False)
         for state in restored:
             _set_applied(state, 0.0, False)
@@ -522,102 +371,29 @@ class FSGLD(Optimizer):
                 calls: dict = {}
                 for (group, p, pid), pert in zip(params, applied):
                     if pert[0] != 0.0:
-                        self._shift_call(calls, group, p, pid, pert, self._view(p))
+                        self._shift_call(calls, group, p, pid, pert, self._view(p), self._master_now(p, pid))
                 self._run_shifts(calls, 0, perturb=True)
             for (_, p, _), pert in zip(params, applied):
                 _set_applied(self.state[p], *pert)
+            self._drop_plan()
 
     # -- the step ------------------------------------------------------------------------
-    # Not named _init_group: Dynamo special-cases that name with torch.optim's return contract.
-    def _plan_group(self, group: dict[str, Any], pids: list[int], new_state: dict) -> _GroupPlan:
-        """Every tensor of one group in its kernel call, checked; nothing is modified."""
-        _check_hparams(group, self.capturable)
-        sigma, rademacher = self.group_perturbation(group)
-        plan = _GroupPlan(group, sigma if group["perturb_ahead"] else 0.0, rademacher)
-        new_pert = (plan.new_sigma, rademacher if plan.new_sigma != 0.0 else False)
-        lr = group["lr"]
-        for p, pid in zip(group["params"], pids):
-            state = self.state[p]
-            old = _applied(state)
-            if not self._touchable(p):
-                if old[0] != 0.0 and p.device.type != "meta":  # frozen since it was perturbed
-                    self._shift_call(plan.restores, group, p, pid, old, self._view(p))
-                    plan.applied.append((state, (0.0, False)))
-                continue
-            view = self._view(p)
-            plan.applied.append((state, new_pert))
-            g = p.grad
-            if g is None and not self.capturable:  # no grad: no update, no noise; the perturbation moves on
-                if old[0] != 0.0:
-                    self._shift_call(plan.restores, group, p, pid, old, view)
-                if plan.new_sigma != 0.0:
-                    self._shift_call(plan.perturbs, group, p, pid, new_pert, view)
-                continue
-            if g is not None:
-                if g.is_sparse:
-                    raise RuntimeError("FSGLD does not support sparse gradients")
-                if g.is_complex() or g.shape != p.shape or g.device != p.device:
-                    raise RuntimeError(f"gradient of shape {tuple(g.shape)} / {g.dtype} on {g.device} does not "
-                                       f"match its parameter (param {pid})")
-            backend = self._backend(group, p)
-            if isinstance(lr, torch.Tensor) and lr.device != p.device:
-                raise ValueError(f"a Tensor lr must live on the params' device ({p.device}), not {lr.device}")
-            new = self._new_state(group, p, state)
-            if new:
-                new_state[p] = new
-            master = self._master(p, new)
-            update = g is not None  # capturable: a grad-less param steps with no update (no host branch)
-            restore = (0.0, False) if master is not None else old  # a master is clean: nothing to restore
-            key = (group["backend"], p.device, p.dtype, restore, master is not None, update)
-            if key not in plan.stepped:
-                plan.stepped[key] = _Call(backend, p.device, *restore)
-            grad = _local(g)[0] if update else torch.zeros_like(view[0])
-            buf = None
-            if group["momentum"] != 0.0 and update:
-                buf = _local(new.get("momentum_buffer", state.get("momentum_buffer")))[0]
-            plan.stepped[key].add(view, pid, master, grad, buf)
-        return plan
-
-    def _plan_step(self) -> tuple[list[_GroupPlan], dict]:
-        new_state: dict = {}
-        return [self._plan_group(group, pids, new_state) for group, pids in self._groups_with_pids()], new_state
-
-    @staticmethod
-    def _grads(plans: list[_GroupPlan]) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """(group index, param id, gradient) of every param that is updated."""
-        for gi, plan in enumerate(plans):
-            for (_, _, _, _, _, update), call in plan.stepped.items():
-                if update:
-                    for pid, g in zip(call.pids, call.grads):
-                        yield gi, pid, g
-
-    def _grads_are_finite(self, plans: list[_GroupPlan]) -> bool:
-        """One read-only pass over the gradients and one sync per device."""
-        by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
-        for _, _, g in self._grads(plans):
-            by_device[g.device].append(g)
-        for device, grads in by_device.items():
-            if device.type == "cuda":  # one fused multi-tensor launch; NaN and inf reach the max
-                summary = [n.float() for n in torch._foreach_norm(grads, math.inf)]
-            else:
-                # On CPU the inf-norm ran at 3 GB/s (64M params: 93 ms) and float32 sums at 30 GB/s
-                # (9 ms). A NaN or inf makes a sum non-finite; so would a float32 overflow of the
-                # sum (|sum| > 3.4e38), which we accept as non-finite too.
-                summary = [g.sum(dtype=torch.float32) for g in grads]
-            if not bool(torch.isfinite(torch.stack(summary)).all()):
-                return False
-        return True
-
-    def _run_step(self, plans: list[_GroupPlan], new_state: dict, grad_scale, found_inf) -> None:
+    def _run_step(self, plans: list[_GroupPlan], new_state: dict, applied: list, grad_scale, found_inf) -> None:
         for p, new in new_state.items():
             self.state[p].update(new)
         for plan in plans:
             group = plan.group
             lr = group["lr"]
-            lr_t = lr if isinstance(lr, torch.Tensor) else None
+            # Compiled, a float lr travels as a tensor too: passed to an op as a float, Dynamo would
+            # guard on its value and recompile at every change of a schedule.
+            as_tensor = isinstance(lr, torch.Tensor) or torch.compiler.is_compiling()
             # with a tensor lr the kernel computes sqrt(2 / beta) * sqrt(lr) on the device
-            noise_std = math.sqrt(2.0 / group["beta"]) if lr_t is not None else math.sqrt(2.0 * lr / group["beta"])
+            noise_std = math.sqrt(2.0 / group["beta"]) if as_tensor else math.sqrt(2.0 * lr / group["beta"])
             for (_, device, _, _, _, update), call in plan.stepped.items():
+                lr_t = None
+                if as_tensor:
+                    # ones * lr: Dynamo keeps the float an input there (torch.full would specialise it)
+                    lr_t = lr if isinstance(lr, torch.Tensor) else torch.ones(1, device=device).mul_(lr)
                 scale = None if grad_scale is None else grad_scale.to(device=device, dtype=torch.float32)
                 if group["maximize"] and update:  # d = g * (1 / -scale) = -g / scale: exact negation
                     scale = -scale if scale is not None else torch.full((1,), -1.0, device=device)
@@ -637,8 +413,8 @@ class FSGLD(Optimizer):
                 call.write_back()
             self._run_shifts(plan.restores, 0, perturb=False)
             self._run_shifts(plan.perturbs, 1, perturb=True)
-            for state, pert in plan.applied:
-                _set_applied(state, *pert)
+        for state, pert in applied:
+            _set_applied(state, *pert)
 
     def _perturbations_per_step(self) -> tuple[int, bool]:
         """(n_pert, antithetic): one closure evaluation perturbs every group, so all agree."""
@@ -666,7 +442,8 @@ class FSGLD(Optimizer):
                 sigma, rademacher = self.group_perturbation(group)
                 if sigma != 0.0:
                     sign, sub = (-1.0 if j else 1.0, 0) if antithetic else (1.0, j)
-                    self._shift_call(calls, group, p, pid, (sign * sigma, rademacher), self._view(p), sub)
+                    self._shift_call(calls, group, p, pid, (sign * sigma, rademacher), self._view(p),
+                                     self._master_now(p, pid), sub)
                 p.grad = None
             self._run_shifts(calls, 0, perturb=True)
             try:
@@ -679,6 +456,7 @@ class FSGLD(Optimizer):
                     sums[p] = p.grad if p not in sums else sums[p].add_(p.grad)
         for _, p, _ in params:
             p.grad = sums[p].div_(n_pert) if p in sums else None
+        self._drop_plan()
         if all(isinstance(x, torch.Tensor) for x in losses):
             return torch.stack([x.detach() for x in losses]).mean()
         return losses[-1]
@@ -707,7 +485,7 @@ class FSGLD(Optimizer):
                 self.restore()
                 raise
 
-        plans, new_state = self._plan_step()
+        plans, new_state, applied = self._cached_plan()
         # AMP: GradScaler hands us its scale and overflow flag (and has checked the grads itself).
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         if found_inf is not None and not self.capturable:
@@ -724,8 +502,8 @@ class FSGLD(Optimizer):
             return loss
 
         # capturable: no host branch on found_inf, the kernels read it (and change nothing if set)
-        self._run_step(plans, new_state, grad_scale, found_inf if self.capturable else None)
-        if self.capturable:  # advanced on the device: k + 1, or k again after an AMP overflow
+        self._run_step(plans, new_state, applied, grad_scale, found_inf if self.capturable else None)
+        if self._chain["step_t"]:  # advanced on the device: k + 1, or k again after an AMP overflow
             for device, t in self._chain["step_t"].items():
                 if found_inf is None:
                     t.add_(1)
@@ -740,92 +518,21 @@ class FSGLD(Optimizer):
     # load pre-hooks (which can upgrade a checkpoint first) and before the user's post-hooks
     # (which see the loaded chain), like torch's own processing.
     def state_dict(self) -> dict[str, Any]:
-        handle = self.register_state_dict_post_hook(FSGLD._chain_into_state_dict, prepend=True)
+        handle = self.register_state_dict_post_hook(_checkpoint.chain_into_state_dict, prepend=True)
         try:
             return super().state_dict()
         finally:
             handle.remove()
 
-    @staticmethod
-    def _chain_into_state_dict(opt: "FSGLD", state_dict: dict[str, Any]) -> dict[str, Any]:
-        chain = {"seed": opt.seed, "step": opt.step_count, "skipped_steps": opt.skipped_steps}
-        state = dict(state_dict["state"])  # new per-param dicts: the packed ones are self.state's own
-        for group in state_dict["param_groups"]:
-            for idx in group["params"]:
-                state[idx] = {"applied_sigma": 0.0, "applied_rademacher": False, **state.get(idx, {}), **chain}
-        return {**state_dict, "state": state}
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        pre = self.register_load_state_dict_pre_hook(FSGLD._chain_from_state_dict)
-        post = self.register_load_state_dict_post_hook(FSGLD._chain_after_load, prepend=True)
+        pre = self.register_load_state_dict_pre_hook(_checkpoint.chain_from_state_dict)
+        post = self.register_load_state_dict_post_hook(_checkpoint.chain_after_load, prepend=True)
         try:
             super().load_state_dict(state_dict)
         finally:
             pre.remove()
             post.remove()
             self.__dict__.pop("_loading", None)
-
-    @staticmethod
-    def _chain_from_state_dict(opt: "FSGLD", state_dict: dict[str, Any]) -> dict[str, Any]:
-        """Check a state dict against this optimizer before torch loads it, and keep what its
-        casting would lose (the chain, fp32 masters) for `_chain_after_load`."""
-        if "fsgld" in state_dict:
-            state_dict = _upgrade_top_level_chain(state_dict)
-        groups = state_dict.get("param_groups", [])
-        state = state_dict.get("state", {})
-        if len(groups) != len(opt.param_groups):
-            raise ValueError(f"state_dict has {len(groups)} param groups, this optimizer has {len(opt.param_groups)}")
-        for gi, (g_saved, g_ours) in enumerate(zip(groups, opt.param_groups)):
-            if len(g_saved["params"]) != len(g_ours["params"]):
-                raise ValueError(f"param group {gi} has {len(g_saved['params'])} params in the state_dict and "
-                                 f"{len(g_ours['params'])} here")
-        saved_ids = [i for g in groups for i in g["params"]]
-        ours = [p for g in opt.param_groups for p in g["params"]]
-        # Shapes first, with the parameter named: torch would cast a mismatched buffer silently.
-        for pos, (idx, p) in enumerate(zip(saved_ids, ours)):
-            for key, value in state.get(idx, {}).items():
-                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape:
-                    raise ValueError(f"state_dict entry {key!r} of param {pos} has shape {tuple(value.shape)}, "
-                                     f"the parameter has shape {tuple(p.shape)}")
-        chains = {tuple(state[i][k] for k in _CHAIN_KEYS) for i in saved_ids if "seed" in state.get(i, {})}
-        if not chains:
-            raise ValueError("not an FSGLD state_dict: no parameter's state carries the chain (seed, step, "
-                             "skipped_steps)")
-        if len(chains) != 1:
-            raise ValueError(f"the parameters' states disagree on the chain (seed, step, skipped_steps): {chains}")
-        seed, step, skipped = chains.pop()
-        for i in saved_ids:
-            sigma, rademacher = _applied(state.get(i, {}))
-            if not (isinstance(sigma, (int, float)) and 0.0 <= sigma < math.inf) or not isinstance(rademacher, bool):
-                raise ValueError(f"state_dict: invalid applied perturbation {sigma!r}, {rademacher!r} for param {i}")
-        # Optimizer.load_state_dict casts floating state to the param dtype: fp32 masters (and the
-        # fp32 momentum buffers that go with them) are put back in fp32 from the source.
-        fp32 = {pos: {k: state[idx][k] for k in ("master", "momentum_buffer") if k in state[idx]}
-                for pos, idx in enumerate(saved_ids) if "master" in state.get(idx, {})}
-        opt._loading = {"seed": _check_seed(seed), "step": int(step), "skipped_steps": int(skipped), "fp32": fp32}
-        return state_dict
-
-    @staticmethod
-    def _chain_after_load(opt: "FSGLD") -> None:
-        loading = opt.__dict__.pop("_loading")
-        for group in opt.param_groups:  # checkpoints from before an option existed
-            for key, value in opt.defaults.items():
-                group.setdefault(key, value)
-        for pos, p in enumerate(p for g in opt.param_groups for p in g["params"]):
-            state = opt.state[p]
-            for key in _CHAIN_KEYS:
-                state.pop(key, None)
-            _set_applied(state, *_applied(state))
-            for key, value in loading["fp32"].get(pos, {}).items():
-                state[key] = value.to(device=p.device, dtype=torch.float32, copy=True)
-            for key in ("master", "momentum_buffer"):  # FSDP2: full tensors become this rank's shard
-                if key in state:
-                    state[key] = _state_for(p, state[key])
-                    if not _local(state[key])[0].is_contiguous():
-                        state[key] = state[key].contiguous()
-        opt._chain.update(seed=loading["seed"], step=loading["step"], skipped_steps=loading["skipped_steps"])
-        for t in opt._chain["step_t"].values():  # in place: a captured graph keeps its pointer
-            t.fill_(loading["step"])
 
     # -- copies: deepcopy, pickle, torch.save(opt), multiprocessing -------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -835,6 +542,7 @@ class FSGLD(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._cache = {"plan": None}
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -869,20 +577,3 @@ class FSGLD(Optimizer):
     def eval(self) -> None:
         """Weights for evaluation: clean, as `restore()` (idempotent); `train()` perturbs again."""
         self.restore()
-
-
-def _upgrade_top_level_chain(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """A state dict of fsgld-fused 0.1 kept the chain in a top-level "fsgld" entry (seed, step,
-    per-group applied sigma): spread it into the parameters' states, as saved now."""
-    old = state_dict["fsgld"]
-    groups = state_dict.get("param_groups", [])
-    applied = list(old.get("applied_sigma", []))
-    if len(applied) != len(groups):
-        raise ValueError(f"state_dict has {len(groups)} param groups, but its 'fsgld' entry has "
-                         f"{len(applied)} applied sigmas")
-    state = dict(state_dict.get("state", {}))
-    chain = {"seed": old["seed"], "step": old["step"], "skipped_steps": old.get("skipped_steps", 0)}
-    for group, sigma in zip(groups, applied):
-        for idx in group["params"]:
-            state[idx] = {**state.get(idx, {}), "applied_sigma": float(sigma), "applied_rademacher": False, **chain}
-    return {k: v for k, v in state_dict.items() if k != "fsgld"} | {"state": state}
