@@ -84,7 +84,7 @@ def test_dry_run_walks_every_step(tmp_path):
     # "report" are not (a loaded CI box may take longer than a device there)
     assert all(s["seconds"] <= run["plan"][s["name"]] + 5 for s in run["steps"][1:-1]), run["steps"]
     steps = {s["name"]: s for s in run["steps"]}
-    assert "issue 23" in steps["bench host-bound"]["skipped"]
+    assert steps["bench host-bound"]["result"] == "ok"
     assert steps["ncu"]["skipped"] == "dry run: no GPU"
     tests = run["tests"]  # the GPU tests were collected and skipped here, none failed
     assert tests["skipped"] >= 60 and tests["passed"] == tests["failed"] == tests["error"] == 0
@@ -100,11 +100,16 @@ def test_dry_run_walks_every_step(tmp_path):
     for r in measured:
         assert ROW_KEYS <= set(r), r
         assert r["min_s"] <= r["median_s"] and r["iqr_s"] >= 0
-    # the steps' rows in the order asked for: 64K fp32, 64K bf16 (masters), 256K fp32
+    # the steps' rows in the order asked for: 64K fp32, host-bound (100 and 1000 tensors of 16),
+    # 64K bf16 (masters), 256K fp32
     headline = ["device copy", "SGD fused", "FSGLD cpu", "FSGLD cpu rademacher", "naive fSGLD (eager)"]
+    host = [("float32", v) for v in ("SGD fused", "FSGLD cpu", "FSGLD auto (defaults)")]
     assert [(r["dtype"], r["variant"]) for r in rows] == (
-        [("float32", v) for v in headline] + [("bfloat16", v) for v in headline]
+        [("float32", v) for v in headline] + host + host + [("bfloat16", v) for v in headline]
         + [("float32", v) for v in ("device copy", "SGD fused", "FSGLD cpu", "naive fSGLD (eager)")])
+    assert [(r["params"], r["tensors"]) for r in rows if r["layout"] == "host"] == [(1600, 100)] * 3 + [(16000, 1000)] * 3
+    rows = [r for r in rows if r["layout"] != "host"]
+    measured = [r for r in measured if r["layout"] != "host"]
     assert len({r["params"] for r in rows}) == 2
     by = {(r["dtype"], r["params"], r["variant"]): r for r in measured}
     for (dtype, params, variant), r in by.items():
