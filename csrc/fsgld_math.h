@@ -133,12 +133,15 @@ FSGLD_HD void sincos_2pi_u(uint32_t w, float* s, float* c) {
   const float cp =
       fmadd(fmadd(fmadd(2.443315711809948e-5f, z, -1.388731625493765e-3f), z, 4.166664568298827e-2f) * z, z,
             fmadd(-0.5f, z, 1.0f));
-  const bool odd = (q & 0x40000000u) != 0;  // quadrants 1 and 3 swap sin and cos
+  // Sign flips as xors of the sign bit (quadrants 2, 3 for sin: bit 31 of q; 1, 2 for cos: of qc).
+  // Quadrants 1 and 3 swap sin and cos: bit 30 of q, which is bit 31 of q ^ qc (nvcc made
+  // `q & 2**30` a shift, an and and a compare: one instruction more per pair).
+  const uint32_t qc = q + 0x40000000u;
+  const bool odd = (int32_t)(q ^ qc) < 0;
   const float sv = odd ? cp : sp;
   const float cv = odd ? sp : cp;
-  // Sign flips as xors of the sign bit (quadrants 2, 3 for sin; 1, 2 for cos): no selects.
   *s = bits_to_float(float_to_bits(sv) ^ (q & 0x80000000u));
-  *c = bits_to_float(float_to_bits(cv) ^ ((q + 0x40000000u) & 0x80000000u));
+  *c = bits_to_float(float_to_bits(cv) ^ (qc & 0x80000000u));
 }
 
 // sqrtf for x in [1.1e-7, 33.3] (what -2 ln u takes). On the GPU: the fast path of sqrtf itself
@@ -157,8 +160,10 @@ FSGLD_HD float sqrt_box_muller(float x) {
 }
 
 // (r cos t, r sin t) with r = sqrt(-2 ln u(wa)), t = 2 pi u(wb): SPEC's box_muller of the words.
-FSGLD_HD void box_muller(uint32_t wa, uint32_t wb, float* n0, float* n1) {
-  const float r = sqrt_box_muller(minus_two_log_u(wa));
+// With `scale`: scale * (r cos t, r sin t), rounded as (scale * r) * cos t (one multiply per pair
+// instead of one per normal; within NOISE_ATOL * scale like the product of the rounded normal).
+FSGLD_HD void box_muller(uint32_t wa, uint32_t wb, float* n0, float* n1, float scale = 1.0f) {
+  const float r = scale * sqrt_box_muller(minus_two_log_u(wa));
   float s, c;
   sincos_2pi_u(wb, &s, &c);
   *n0 = r * c;
@@ -178,11 +183,11 @@ FSGLD_HD Stream make_stream(uint64_t seed, int64_t pid, int64_t step, uint32_t k
 
 // The block index as its two counter words: a kernel whose chunk never crosses 2**32 blocks keeps
 // `hi` uniform across the chunk.
-FSGLD_HD void normal4(const Stream& st, uint32_t lo, uint32_t hi, float out[4]) {
+FSGLD_HD void normal4(const Stream& st, uint32_t lo, uint32_t hi, float out[4], float scale = 1.0f) {
   uint32_t w0 = lo, w1 = hi, w2 = st.step, w3 = st.tag;
   philox4x32_10(w0, w1, w2, w3, st.k0, st.k1);
-  box_muller(w0, w1, &out[0], &out[1]);
-  box_muller(w2, w3, &out[2], &out[3]);
+  box_muller(w0, w1, &out[0], &out[1], scale);
+  box_muller(w2, w3, &out[2], &out[3], scale);
 }
 
 FSGLD_HD void normal4(const Stream& st, uint64_t block, float out[4]) {
@@ -225,6 +230,7 @@ template <typename T>
 struct StepCoeffs {
   T lr, weight_decay, momentum, noise_std, restore_sigma, perturb_sigma, inv_scale;
   bool has_scale, has_momentum;
+  bool has_noise;  // noise_std != 0; the CUDA kernels set it from their template flags (no branch)
 };
 
 // Takes the clean weight (already restored, or the master) and returns the updated clean weight.
@@ -240,7 +246,7 @@ FSGLD_HD T sgld_update(T theta, T g, B* buf, T xi, const StepCoeffs<T>& c) {
     d = static_cast<T>(stored);
   }
   theta = theta - c.lr * d;
-  if (c.noise_std != T(0)) theta = theta + c.noise_std * xi;
+  if (c.has_noise) theta = theta + c.noise_std * xi;
   return theta;
 }
 

@@ -4,6 +4,7 @@ within the SPEC tolerance, on the vector and tail paths, shard offsets, misalign
 calls large enough to need several launches. No GPU needed; the GPU run is tests/test_gpu.py."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -236,10 +237,18 @@ def test_more_tensors_than_one_table_holds(emu):
         assert_step_close(a, b, 0.05)
 
 
+def _kernel_constant(name):
+    text = open(os.path.join(ROOT, "csrc", "fsgld_cuda_kernels.cuh")).read()
+    return int(re.search(rf"constexpr int {name} = (\d+);", text).group(1))
+
+
+CHUNK = 4 * _kernel_constant("kThreads") * _kernel_constant("kBlocksPerThread")  # elements per CUDA block
+
+
 def test_a_tensor_split_across_launches(emu):
-    # 2048 chunks of 4096 elements fill a table: the big tensor continues in a second launch,
-    # its chunk numbering carried over (a wrong carry would redraw or skip part of the stream)
-    sizes = [4096 * 3 + 1, 2048 * 4096 + 2 * 4096 + 3]
+    # 2048 chunks fill a table: the big tensor continues in a second launch, its chunk numbering
+    # carried over (a wrong carry would redraw or skip part of the stream)
+    sizes = [CHUNK * 3 + 1, 2048 * CHUNK + 2 * CHUNK + 3]
     params = make(sizes, torch.float32)
     ref = [p.clone() for p in params]
     before = launches()
