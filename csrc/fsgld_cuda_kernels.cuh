@@ -33,6 +33,12 @@ constexpr int kThreads = 256;
 constexpr int kBlocksPerThread = 8;
 constexpr int64_t kChunkBlocks = (int64_t)kThreads * kBlocksPerThread;  // 8192 elements per chunk
 constexpr int kMaxTensors = 160;
+
+// Which path a chunk takes (interior or edge): nothing on the GPU; the CPU emulation
+// (tests/cuda_emulation.cpp) counts them to check that a layout reaches the fast path.
+#ifndef FSGLD_TRACE_CHUNK_PATH
+#define FSGLD_TRACE_CHUNK_PATH(interior)
+#endif
 constexpr int kMaxChunks = 2048;
 
 struct TensorTable {
@@ -131,8 +137,9 @@ __device__ __forceinline__ uint32_t lane_sign_word(const Stream& st, uint64_t r0
   // four lane-divergent branches, which the warp issues one after another (+3.3 instr/elem)
   asm("" : "+r"(w[0]), "+r"(w[1]), "+r"(w[2]), "+r"(w[3]));
 #endif
-  const unsigned k = lane >> 3;
-  return k == 0 ? w[0] : k == 1 ? w[1] : k == 2 ? w[2] : w[3];
+  // two levels of selects on the bits of k = lane >> 3 (a chain of k == 0, 1, 2 compiled to branches)
+  const uint32_t lo = (lane & 8) ? w[1] : w[0], hi = (lane & 8) ? w[3] : w[2];
+  return (lane & 16) ? hi : lo;
 }
 
 __device__ __forceinline__ uint32_t warp_sign_word(uint32_t mine, const Stream& st, uint64_t r0, unsigned lane,
@@ -237,6 +244,7 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const __grid_const
     const S* gt = g + base;
     B* bt = (kFlags & kMomentum) ? buf + base : buf;
     float* mt = (kFlags & kMaster) ? master + base : master;
+    FSGLD_TRACE_CHUNK_PATH(true);
 #pragma unroll
     for (int it = 0; it < kBlocksPerThread; ++it) {
       const uint64_t blk = (uint64_t)chunk_first + (uint64_t)(it * kThreads) + threadIdx.x;
@@ -247,6 +255,7 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const __grid_const
     }
     return;
   }
+  FSGLD_TRACE_CHUNK_PATH(false);
   // Edges: bounds checks per Philox block. Signs come from the same lane words (every lane
   // takes part in the shuffles, so a lane past the tensor skips its block instead of leaving).
 #pragma unroll
