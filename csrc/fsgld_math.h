@@ -120,29 +120,31 @@ FSGLD_HD float minus_two_log_u(uint32_t w) {
   return fmadd(fe, -2.0f * 0.693147180559945309f, m * q);
 }
 
-// sin(2 pi u(w)) and cos(2 pi u(w)). In units of 2**-32 turns u is v = (w & ~0xff) | 0x100, so the
-// nearest quadrant is bits 30-31 of v + 2**29 and the residual the low 30 bits of v, signed: the
-// reduction is exact, |r| <= pi/4 with one rounding. Cephes' sinf polynomial on [-pi/4, pi/4], and a
-// cos polynomial of the same accuracy with fewer terms (tests/test_math_sweep.py checks every input).
-FSGLD_HD void sincos_2pi_u(uint32_t w, float* s, float* c) {
+// sin(2 pi u(w)) and cos(2 pi u(w)), as a sign and the sin and cos of a residual. In units of
+// 2**-32 turns u is v = (w & ~0xff) | 0x100, so the nearest half turn is bit 31 of v + 2**30 and the
+// residual the low 31 bits of v, signed: the reduction is exact, |r| <= pi/2 with one rounding. An
+// odd half turn negates both (one sign for the pair); no quadrant swap of sin and cos, which cost
+// two selects, a parity test and a second sign (sm_90 fp32 full step: -6 instructions per element
+// for one more term in each polynomial than on [-pi/4, pi/4]). sin: r + r z S(z), cos: 1 + z C(z),
+// S and C of degree 3 fitted for absolute error on [0, pi/2] (1.7e-8 and 7.2e-8 in float64);
+// tests/test_math_sweep.py checks every input.
+FSGLD_HD uint32_t sincos_half_turn(uint32_t w, float* sp, float* cp) {
   const uint32_t v = (w & 0xFFFFFF00u) | 0x100u;
-  const uint32_t q = v + 0x20000000u;
-  // (int32)(v << 2) is 4 * residual: 22 significant bits, so the conversion is exact
-  const float r = (float)(int32_t)(v << 2) * (6.28318530717958647692f * 0x1p-34f);
+  // (int32)(v << 1) is 2 * residual: 23 significant bits, so the conversion is exact
+  const float r = (float)(int32_t)(v << 1) * (6.28318530717958647692f * 0x1p-33f);
   const float z = r * r;
-  const float sp = fmadd(fmadd(fmadd(-1.9515295891e-4f, z, 8.3321608736e-3f), z, -1.6666654611e-1f) * z, r, r);
-  // cos: 1 + z C(z), C of degree 2 fitted for absolute error (3.2e-8 in float64) in place of
-  // Cephes' 1 - z/2 + z^2 P(z): three FMAs instead of five (sm_90 fp32 full step -3 per element)
-  const float cp = fmadd(fmadd(fmadd(-0.001359783811494708f, z, 0.04165629670023918f), z, -0.49999895691871643f), z, 1.0f);
-  // Sign flips as xors of the sign bit (quadrants 2, 3 for sin: bit 31 of q; 1, 2 for cos: of qc).
-  // Quadrants 1 and 3 swap sin and cos: bit 30 of q, which is bit 31 of q ^ qc (nvcc made
-  // `q & 2**30` a shift, an and and a compare: one instruction more per pair).
-  const uint32_t qc = q + 0x40000000u;
-  const bool odd = (int32_t)(q ^ qc) < 0;
-  const float sv = odd ? cp : sp;
-  const float cv = odd ? sp : cp;
-  *s = bits_to_float(float_to_bits(sv) ^ (q & 0x80000000u));
-  *c = bits_to_float(float_to_bits(cv) ^ (qc & 0x80000000u));
+  *sp = fmadd(fmadd(fmadd(fmadd(2.600057086965535e-06f, z, -0.0001980661618290469f), z, 0.008333017118275166f), z,
+                    -0.16666656732559204f) * z, r, r);
+  *cp = fmadd(fmadd(fmadd(fmadd(2.3194415916805156e-05f, z, -0.0013855928555130959f), z, 0.041663989424705505f), z,
+                    -0.4999993145465851f), z, 1.0f);
+  return (v + 0x40000000u) & 0x80000000u;  // the sign bit of an odd half turn
+}
+
+FSGLD_HD void sincos_2pi_u(uint32_t w, float* s, float* c) {
+  float sp, cp;
+  const uint32_t sign = sincos_half_turn(w, &sp, &cp);
+  *s = bits_to_float(float_to_bits(sp) ^ sign);
+  *c = bits_to_float(float_to_bits(cp) ^ sign);
 }
 
 // sqrtf for x in [1.1e-7, 33.3] (what -2 ln u takes). On the GPU: the fast path of sqrtf itself
@@ -166,9 +168,10 @@ FSGLD_HD float sqrt_box_muller(float x) {
 FSGLD_HD void box_muller(uint32_t wa, uint32_t wb, float* n0, float* n1, float scale = 1.0f) {
   const float r = scale * sqrt_box_muller(minus_two_log_u(wa));
   float s, c;
-  sincos_2pi_u(wb, &s, &c);
-  *n0 = r * c;
-  *n1 = r * s;
+  const uint32_t sign = sincos_half_turn(wb, &s, &c);
+  const float rs = bits_to_float(float_to_bits(r) ^ sign);  // (-r) c = -(r c): one sign for both
+  *n0 = rs * c;
+  *n1 = rs * s;
 }
 
 // The four normals of Philox block `block` (elements 4*block .. 4*block+3) of one stream.

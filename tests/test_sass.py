@@ -134,8 +134,11 @@ def test_elements_per_thread_from_the_launch_configuration(backend, request):
     counted = request.getfixturevalue(backend)
     rows, _ = counted
     for key, r in rows.items():
-        if r["dtype"] == "float32" and r["path"] in ("interior", "tail"):
+        vector_paths = ("interior", "tail") if backend == "cuda" else ("interior",)  # Triton's edge is masked
+        if r["dtype"] == "float32" and r["path"] in vector_paths:
             assert r["bytes_128_per_element"] == 12.0, r
+        elif r["dtype"] == "float32":
+            assert r["bytes_128_per_element"] == 0.0 and r["global_bytes_per_element"] >= 12.0, r
         if backend == "cuda":
             assert r["elements_per_thread"] == 4 * _kernel_constant("kBlocksPerThread"), r
         else:
