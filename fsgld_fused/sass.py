@@ -1,31 +1,44 @@
 """`python -m fsgld_fused sass`: static SASS instruction counts of the step kernels on sm_90.
 
 The fused step draws three normals per element and is compute-bound on Hopper unless its
-instruction count per element stays under the issue budget at the memory floor. This compiles
-the sm_90 cubins without a GPU (CUDA: nvcc with setup.py's NVCC_FLAGS and the flags torch's
-CUDAExtension adds; Triton: `triton.compile` for `GPUTarget("cuda", 90, 32)` with the launch
-code's constexprs), disassembles them with `cuobjdump`, and counts, per step-kernel variant, the
-instructions one thread issues along the kernel's main path divided by the elements it handles.
+instruction count per element stays under the budget at the memory floor. This compiles the sm_90
+cubins without a GPU (CUDA: nvcc with setup.py's NVCC_FLAGS and the flags torch's CUDAExtension
+adds; Triton: `triton.compile` for `GPUTarget("cuda", 90, 32)` with the launch code's constexprs,
+at every (BLOCK, num_warps) the launcher tunes over), disassembles them with `cuobjdump`, and
+counts the instructions a warp issues along a path of the kernel, divided by the elements one
+thread handles: CUDA 4 * kBlocksPerThread, Triton 4 * BLOCK / (32 * num_warps), both from the
+launch configuration (the 16-byte accesses on a path then move exactly 12 bytes per fp32 element,
+which the tests check).
 
-How the main path is walked. The kernel's SASS is split at branches into a graph; the walker
-takes the entry-to-EXIT path of an interior, aligned chunk, which is the path with
-  1. the most vector global accesses (LDG/STG of 64 or 128 bits: every element of the chunk
-     moved 8 or 16 bytes at a time, not by the scalar tail code),
-  2. then the fewest instructions (the block-uniform interior path over per-thread bounds
-     checks; no optional scalar setup such as a grad scale or a device lr).
-The step flags (restore, noise, ahead, momentum, masters) are template parameters / constexprs,
-so each variant is its own kernel. For a kernel whose flags are runtime branches (the CUDA kernel
-before issue 13, counted with --source), rule 2 is preceded by "the most Philox multiplies"
-(integer multiplies by 0xD2511F53 or 0xCD9E8D57), so that every noise stream is drawn.
-Subroutine calls (the slow paths of IEEE sqrt and division for denormal or special inputs) end
-a path as invalid, and a `@P EXIT` may be taken or not. Loops are not re-entered (the kernels'
-loops are unrolled). Instructions per element = instructions on that path / elements per
-thread: CUDA kBlocksPerThread * 4; Triton 4 * BLOCK / (32 * num_warps).
+What is counted: the configuration a default FSGLD launches (Langevin noise on, weight decay 0, no
+grad scaler, no capturable tensors; CONFIGS) and the same with weight decay, the same for both
+backends. Triton takes these as constexprs. CUDA takes the scalars as kernel arguments: a branch
+whose predicate compares one of them (or a null pointer) with zero goes the way the configuration
+sends it, the field's constant-bank offset read from a probe kernel compiled with the counted ones.
+
+How a path is walked (`walk`). The SASS is a graph split at branches; loops are unrolled, CALLs
+(the slow paths of IEEE sqrt and division) end a path as invalid, `@P EXIT` may be taken or not.
+A branch whose predicate may differ between the lanes of a warp (a forward taint of SR_TID /
+SR_LANEID, shuffles and loads through such addresses; the uniform datapath never is) is issued on
+both sides up to where they join, as the warp issues it. Other branches go one way, ranked by the
+path's kind (KEYS):
+  interior   the most vector global accesses (LDG/STG of 64 or 128 bits), then the fewest
+             instructions: the block-uniform interior of an aligned chunk;
+  tail       an aligned tensor's edge chunk: the most vector accesses, then the most lane-dependent
+             branches (the bounds checks of the edge loop), then the most Philox multiplies;
+  unaligned  every element loaded and stored, by scalar accesses, every block drawn.
+Triton's edge programs are one masked path (scalar accesses): its tail and unaligned rows are the
+same walk. The edge rows count a warp whose lanes agree on the bounds checks (the bulk of an edge
+chunk); the warp straddling a tensor's end issues both sides once.
+
+A real model (`weighted`): the benchmark's transformer layout (66.4M params in 96 tensors), whole
+and as FSDP2 shards over 8 ranks, each chunk counted at its path's figure.
 
 Classes: int-mul (IMAD/IMUL products; the IMAD.MOV/SHL/IADD forms are moves and count as alu),
 alu (integer add, logic, shifts, compares, selects, moves), fp32 (F*, HFMA2 used as a move, and
-the I2F/F2I conversions), mufu, memory (global, shared, constant and local loads and stores),
-control (branches, EXIT, convergence barriers), uniform (the U* datapath, S2UR, R2UR).
+the I2F/F2I conversions), mufu (MUFU.RSQ seeds the sqrt's Newton step: one per pair of normals),
+memory (global, shared, constant and local loads and stores), control (branches, EXIT,
+convergence barriers), uniform (the U* datapath, S2UR, R2UR).
 
 The roofline: at the memory floor a kernel moves `bytes` per element at the copy bandwidth, so
 it may issue at most 132 SMs x 128 thread-instructions/clock x clock x bytes / bandwidth
