@@ -23,8 +23,8 @@ from fsgld_fused import sass
 
 CUDA_MUST, TRITON_MUST, RADEMACHER_MUST = 105, 110, 60
 # tail (edge chunk of an aligned tensor) and unaligned paths over the interior, per backend
-EDGE_RATIO = {("cuda", "gaussian-full"): 1.2, ("cuda", "rademacher-full"): 1.6,
-              ("triton", "gaussian-full"): 1.3, ("triton", "rademacher-full"): 1.5}
+EDGE_RATIO = {("cuda", "gaussian-full"): 1.2, ("cuda", "rademacher-full"): 1.65,
+              ("triton", "gaussian-full"): 1.3, ("triton", "rademacher-full"): 1.55}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
