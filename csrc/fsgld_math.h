@@ -4,7 +4,7 @@
 // step per element). The CPU kernel (fsgld_cpu.cpp) and the CUDA kernel (fsgld_cuda.cu) both
 // include this file; nothing else implements these formulas in C++.
 //
-// log / sin / cos are branch-free float32 polynomials (Cephes coefficients) instead of libm:
+// log / sin / cos are branch-free float32 polynomials (fitted or Cephes coefficients) instead of libm:
 // they auto-vectorize on the CPU (libm calls block GCC's vectorizer) and are cheap on the GPU.
 // They stay within a few ulp of correctly rounded results, which is the SPEC tolerance.
 #pragma once

@@ -17,7 +17,7 @@ from fsgld_fused.testing import NOISE_ATOL, assert_step_close, rtol_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# Sizes around the kernels' structure: Philox blocks of 4, chunks of 4096 elements.
+# Sizes around the kernels' structure: Philox blocks of 4, chunks of 8192 elements (CHUNK below).
 SIZES = [0, 1, 3, 4, 5, 1023, 4096, 3 * 4096 + 5]
 OFFSETS = [0, 5, 1, 0, 2, 3, 4096, 0]
 
@@ -127,9 +127,9 @@ def test_every_path_with_offsets_masters_weight_decay_momentum_scale(emu, case):
     _op_paths.check_case(emu, *case)
 
 
-# Rademacher (SPEC 2b): the interior path draws one Philox call per thread and hands the words
-# around the warp (emulated by recomputing the source lane's word); chunks whose first element is
-# not 128-aligned, tails and shards take the per-block path. Sizes span several 4096-element chunks.
+# Rademacher (SPEC 2b): a thread draws one Philox call per stream and hands the words around the
+# warp (emulated by recomputing the source lane's word), on the interior and at the edges alike;
+# chunks start at a Rademacher block whatever the offset. Sizes span one or two chunks.
 RAD_SIZES = [3 * 4096 + 5, 2 * 4096, 4096 + 130, 70, 8192]
 RAD_OFFSETS = [0, 128 * 2**32 - 4096, 4, 4 * (2**32 - 1024), 4101]  # 128-aligned, 2**32 carry, 4 mod 128, ...
 
