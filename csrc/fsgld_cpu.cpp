@@ -550,7 +550,7 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     using T = math_t<S>;
     const StepCoeffs<T> c{T(lr),           T(weight_decay),  T(momentum), T(noise_std),
                           T(restore_sigma), T(perturb_sigma), T(inv_scale), grad_scale.has_value(),
-                          momentum != 0.0};
+                          momentum != 0.0, noise_std != 0.0};
     const bool restore = restore_sigma != 0.0 && !has_master, noise = noise_std != 0.0,
                ahead = perturb_sigma != 0.0;
     for_each_chunk(prefix, [&](size_t t, int64_t i0, int64_t len) {

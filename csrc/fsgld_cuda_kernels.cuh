@@ -28,9 +28,17 @@ namespace fsgld {
 namespace cuda_kernels {
 
 constexpr int kThreads = 256;
-constexpr int kBlocksPerThread = 4;  // Philox blocks (of 4 elements) per thread per chunk
-constexpr int64_t kChunkBlocks = (int64_t)kThreads * kBlocksPerThread;  // 4096 elements per chunk
+// Philox blocks (of 4 elements) per thread per chunk: 8 halves the per-thread setup (table reads,
+// key schedule) per element (sm_90, fp32 Gaussian full step: 4 -> 8 blocks, see bench/README.md).
+constexpr int kBlocksPerThread = 8;
+constexpr int64_t kChunkBlocks = (int64_t)kThreads * kBlocksPerThread;  // 8192 elements per chunk
 constexpr int kMaxTensors = 160;
+
+// Which path a chunk takes (interior or edge): nothing on the GPU; the CPU emulation
+// (tests/cuda_emulation.cpp) counts them to check that a layout reaches the fast path.
+#ifndef FSGLD_TRACE_CHUNK_PATH
+#define FSGLD_TRACE_CHUNK_PATH(interior)
+#endif
 constexpr int kMaxChunks = 2048;
 
 struct TensorTable {
@@ -110,23 +118,28 @@ __device__ __forceinline__ void perturbation4(const Stream& st, uint32_t blk_lo,
 #pragma unroll
     for (int l = 0; l < 4; ++l) out[l] = signed_sigma(sigma, nibble, l);
   } else {
-    normal4(st, blk_lo, blk_hi, out);
-#pragma unroll
-    for (int l = 0; l < 4; ++l) out[l] = sigma * out[l];
+    normal4(st, blk_lo, blk_hi, out, sigma);  // sigma on r: -1.5 instructions per element per stream
   }
 }
 
-// Signs on the interior path, one Philox call per thread instead of one per Gaussian block (four):
-// with the chunk's first element 128-aligned, iteration `it` of warp w covers Rademacher block
-// r0 + 8 it + w, and lane l needs its word l >> 3. Lane l draws block r0 + 8 (l & 3) + w and keeps
-// word l >> 3; at iteration `it` lane (l & ~7) | it holds the word lane l needs (one shuffle).
-static_assert(kThreads == 256 && kBlocksPerThread == 4, "the lane map of warp_sign_word");
+// Signs, one Philox call per thread for its 32 elements instead of one per Gaussian block (four):
+// a chunk of a sign step starts at a Rademacher block (multi_tensor_apply), so iteration `it` of
+// warp w covers Rademacher block r0 + 8 it + w, and lane l needs its word l >> 3. Lane l draws
+// block r0 + 8 (l & 7) + w and keeps word l >> 3; at iteration `it` lane (l & ~7) | it holds the
+// word lane l needs (one shuffle). The same on the interior and at a tensor's edges (any offset).
+static_assert(kThreads == 256 && kBlocksPerThread == 8, "the lane map of warp_sign_word");
 
 __device__ __forceinline__ uint32_t lane_sign_word(const Stream& st, uint64_t r0, unsigned lane, unsigned warp) {
   uint32_t w[4];
-  rademacher_words(st, r0 + 8 * (lane & 3) + warp, w);
-  const unsigned k = lane >> 3;
-  return k == 0 ? w[0] : k == 1 ? w[1] : k == 2 ? w[2] : w[3];
+  rademacher_words(st, r0 + 8 * (lane & 7) + warp, w);
+#if defined(__CUDA_ARCH__)
+  // all four words, then selects: left to itself nvcc computes only the kept word's last round in
+  // four lane-divergent branches, which the warp issues one after another (+3.3 instr/elem)
+  asm("" : "+r"(w[0]), "+r"(w[1]), "+r"(w[2]), "+r"(w[3]));
+#endif
+  // two levels of selects on the bits of k = lane >> 3 (a chain of k == 0, 1, 2 compiled to branches)
+  const uint32_t lo = (lane & 8) ? w[1] : w[0], hi = (lane & 8) ? w[3] : w[2];
+  return (lane & 16) ? hi : lo;
 }
 
 __device__ __forceinline__ uint32_t warp_sign_word(uint32_t mine, const Stream& st, uint64_t r0, unsigned lane,
@@ -153,8 +166,11 @@ __device__ __forceinline__ void step_block(S* p, const S* g, B* buf, float* mast
   constexpr bool momentum = kFlags & kMomentum, has_master = kFlags & kMaster;
   static_assert(!(restore && has_master), "the master is never perturbed: nothing to restore");
   float d_k[4] = {}, xi[4] = {}, d_n[4] = {};  // sigma_k eps_k, xi, sigma_{k+1} eps_{k+1}
+  StepCoeffs<float> cf = c;
+  cf.has_noise = noise;  // a constant: no runtime branch around the noise term
+  cf.noise_std = 1.0f;
   if (restore) perturbation4<(kFlags & kRestoreSigns) != 0>(s_eps, blk_lo, blk_hi, signs_k, c.restore_sigma, d_k);
-  if (noise) normal4(s_xi, blk_lo, blk_hi, xi);
+  if (noise) normal4(s_xi, blk_lo, blk_hi, xi, c.noise_std);  // xi comes scaled: noise_std * xi is xi
   if (ahead) perturbation4<(kFlags & kAheadSigns) != 0>(s_next, blk_lo, blk_hi, signs_n, c.perturb_sigma, d_n);
   const Vec4<S> gv = load4(g + i0, vec, lo, hi);
   Vec4<float> mv{};
@@ -171,7 +187,7 @@ __device__ __forceinline__ void step_block(S* p, const S* g, B* buf, float* mast
   for (int l = 0; l < 4; ++l) {
     float theta = has_master ? mv.v[l] : to_f(pv.v[l]);
     if (restore) theta = theta - d_k[l];
-    theta = sgld_update<float, B>(theta, to_f(gv.v[l]), &bv.v[l], xi[l], c);
+    theta = sgld_update<float, B>(theta, to_f(gv.v[l]), &bv.v[l], xi[l], cf);
     mv.v[l] = theta;
     if (ahead) theta = theta + d_n[l];
     out.v[l] = static_cast<S>(theta);
@@ -179,6 +195,12 @@ __device__ __forceinline__ void step_block(S* p, const S* g, B* buf, float* mast
   store4(p + i0, out, vec, lo, hi);
   if (has_master) store4(master + i0, mv, vec, lo, hi);
   if (momentum) store4(buf + i0, bv, vec, lo, hi);
+}
+
+// The first Philox block of a tensor's chunk 0: its own first block, or with signs the first block
+// of its first Rademacher block (SPEC 2b), so that every chunk draws whole sign words.
+__host__ __device__ __forceinline__ int64_t chunk_first_block(int64_t off, bool signs) {
+  return signs ? (off >> 7) << 5 : off >> 2;
 }
 
 // One (tensor, chunk) per CUDA block; each thread walks Philox blocks of the chunk.
@@ -197,30 +219,32 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const __grid_const
   const float noise_std = sc.lr_t ? sc.noise_std * sqrtf(lr) : sc.noise_std;
   const int64_t step = sc.step_t ? *sc.step_t : sc.step;  // read on the device: graph replays advance
   StepCoeffs<float> c{lr, sc.weight_decay, sc.momentum, noise_std, sc.restore_sigma, sc.perturb_sigma,
-                      sc.grad_scale ? 1.0f / *sc.grad_scale : 1.0f, sc.grad_scale != nullptr, (kFlags & kMomentum) != 0};
+                      sc.grad_scale ? 1.0f / *sc.grad_scale : 1.0f, sc.grad_scale != nullptr, (kFlags & kMomentum) != 0,
+                      (kFlags & kNoise) != 0};
   const Stream s_eps = make_stream(sc.seed, tab.pid[t], step, kEps);
   const Stream s_xi = make_stream(sc.seed, tab.pid[t], step, kXi);
   const Stream s_next = make_stream(sc.seed, tab.pid[t], step + 1, kEps);
-  const int64_t chunk_first = first_blk + (int64_t)tab.chunk_index[blockIdx.x] * kChunkBlocks;
+  constexpr bool restore_signs = kFlags & kRestoreSigns, ahead_signs = kFlags & kAheadSigns;
+  constexpr bool signs = restore_signs || ahead_signs;
+  // with signs a chunk starts at a Rademacher block (32 Philox blocks), as multi_tensor_apply counts
+  const int64_t chunk_first = chunk_first_block(off, signs) + (int64_t)tab.chunk_index[blockIdx.x] * kChunkBlocks;
+  const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+  const uint64_t r0 = (uint64_t)chunk_first >> 5;  // with signs: the chunk's first Rademacher block
+  const uint32_t mine_k = restore_signs ? lane_sign_word(s_eps, r0, lane, warp) : 0u;
+  const uint32_t mine_n = ahead_signs ? lane_sign_word(s_next, r0, lane, warp) : 0u;
   // The interior of an aligned tensor, decided once per CUDA block: every lane of the chunk's
   // blocks is inside the tensor and the block index's high word is the same across the chunk, so
   // the loop needs no bounds checks and 32-bit indices from per-thread base pointers (sm_90 SASS:
   // about 5 instructions per element fewer).
-  // With signs, also a 128-aligned chunk start (the lane map of warp_sign_word).
-  constexpr bool restore_signs = kFlags & kRestoreSigns, ahead_signs = kFlags & kAheadSigns;
-  if (tab.aligned[t] && chunk_first + kChunkBlocks - 1 < last_blk + ((off + n) % 4 == 0) &&
-      (uint32_t)chunk_first <= 0xFFFFFFFFu - (uint32_t)(kChunkBlocks - 1) &&
-      (!(restore_signs || ahead_signs) || (chunk_first & 31) == 0)) {
+  if (tab.aligned[t] && chunk_first >= first_blk && chunk_first + kChunkBlocks - 1 < last_blk + ((off + n) % 4 == 0) &&
+      (uint32_t)chunk_first <= 0xFFFFFFFFu - (uint32_t)(kChunkBlocks - 1)) {
     const int64_t base = chunk_first * 4 - off + 4 * (int64_t)threadIdx.x;  // >= 0: aligned means off % 4 == 0
     const uint32_t blk_lo = (uint32_t)chunk_first + threadIdx.x, blk_hi = (uint32_t)(chunk_first >> 32);
     S* pt = p + base;
     const S* gt = g + base;
     B* bt = (kFlags & kMomentum) ? buf + base : buf;
     float* mt = (kFlags & kMaster) ? master + base : master;
-    const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
-    const uint64_t r0 = (uint64_t)chunk_first >> 5;
-    const uint32_t mine_k = restore_signs ? lane_sign_word(s_eps, r0, lane, warp) : 0u;
-    const uint32_t mine_n = ahead_signs ? lane_sign_word(s_next, r0, lane, warp) : 0u;
+    FSGLD_TRACE_CHUNK_PATH(true);
 #pragma unroll
     for (int it = 0; it < kBlocksPerThread; ++it) {
       const uint64_t blk = (uint64_t)chunk_first + (uint64_t)(it * kThreads) + threadIdx.x;
@@ -231,14 +255,21 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const __grid_const
     }
     return;
   }
+  FSGLD_TRACE_CHUNK_PATH(false);
+  // Edges: bounds checks per Philox block. Signs come from the same lane words (every lane
+  // takes part in the shuffles, so a lane past the tensor skips its block instead of leaving).
 #pragma unroll
   for (int it = 0; it < kBlocksPerThread; ++it) {
     const int64_t blk = chunk_first + (int64_t)it * kThreads + threadIdx.x;
-    if (blk > last_blk) break;
+    const uint32_t signs_k = restore_signs ? sign_nibble(warp_sign_word(mine_k, s_eps, r0, lane, warp, it), blk) : 0u;
+    const uint32_t signs_n = ahead_signs ? sign_nibble(warp_sign_word(mine_n, s_next, r0, lane, warp, it), blk) : 0u;
+    if (blk > last_blk) {
+      if (signs) continue;
+      break;
+    }
+    if (signs && blk < first_blk) continue;  // a sign chunk's first blocks may precede the tensor
     const int64_t i0 = blk * 4 - off;  // local index of lane 0 (negative for a shard's first block)
     const int lo = i0 < 0 ? (int)-i0 : 0, hi = i0 + 4 > n ? (int)(n - i0) : 4;
-    const uint32_t signs_k = restore_signs ? sign_nibble(s_eps, (uint64_t)blk) : 0u;
-    const uint32_t signs_n = ahead_signs ? sign_nibble(s_next, (uint64_t)blk) : 0u;
     step_block<S, B, kFlags>(p, g, buf, master, i0, (uint32_t)blk, (uint32_t)((uint64_t)blk >> 32),
                              tab.aligned[t] && lo == 0 && hi == 4, lo, hi, s_eps, s_xi, s_next, signs_k, signs_n, c);
   }
@@ -311,7 +342,8 @@ inline bool aligned4(const at::Tensor& t) {
 // Packs tensors into tables and launches `launch(table, n_chunks)` once per full table.
 template <typename Launch>
 void multi_tensor_apply(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::TensorList masters,
-                        at::IntArrayRef param_ids, at::IntArrayRef offsets, const Launch& launch) {
+                        at::IntArrayRef param_ids, at::IntArrayRef offsets, const Launch& launch,
+                        bool signs = false) {
   TensorTable tab;
   int nt = 0, nc = 0;  // tensors and chunks in the current table
   for (size_t i = 0; i < params.size(); ++i) {
@@ -330,7 +362,7 @@ void multi_tensor_apply(at::TensorList params, at::TensorList grads, at::TensorL
     tab.pid[nt] = (uint32_t)param_ids[i];
     tab.aligned[nt] = (offsets[i] & 3) == 0 && aligned4(params[i]) && (grads.empty() || aligned4(grads[i])) &&
                       (bufs.empty() || aligned4(bufs[i])) && (masters.empty() || aligned4(masters[i]));
-    const int64_t nblk = ((offsets[i] + n - 1) >> 2) - (offsets[i] >> 2) + 1;
+    const int64_t nblk = ((offsets[i] + n - 1) >> 2) - chunk_first_block(offsets[i], signs) + 1;
     const int64_t chunks = (nblk + kChunkBlocks - 1) / kChunkBlocks;
     for (int64_t ch = 0; ch < chunks; ++ch) {
       if (nc == kMaxChunks) {  // table full: launch it; this tensor continues as entry 0
@@ -407,7 +439,8 @@ void fused_step_host(at::TensorList params, at::TensorList grads, at::TensorList
       multi_tensor_apply(params, grads, momentum_buffers, masters, param_ids, offsets,
                          [&](const TensorTable& tab, int nchunks) {
                            launch(step_kernel<S>(flags), tab, nchunks, sc);
-                         });
+                         },
+                         (flags & (kRestoreSigns | kAheadSigns)) != 0);
     }
   });
 }

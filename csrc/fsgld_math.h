@@ -4,7 +4,7 @@
 // step per element). The CPU kernel (fsgld_cpu.cpp) and the CUDA kernel (fsgld_cuda.cu) both
 // include this file; nothing else implements these formulas in C++.
 //
-// log / sin / cos are branch-free float32 polynomials (Cephes coefficients) instead of libm:
+// log / sin / cos are branch-free float32 polynomials (fitted or Cephes coefficients) instead of libm:
 // they auto-vectorize on the CPU (libm calls block GCC's vectorizer) and are cheap on the GPU.
 // They stay within a few ulp of correctly rounded results, which is the SPEC tolerance.
 #pragma once
@@ -120,25 +120,31 @@ FSGLD_HD float minus_two_log_u(uint32_t w) {
   return fmadd(fe, -2.0f * 0.693147180559945309f, m * q);
 }
 
-// sin(2 pi u(w)) and cos(2 pi u(w)). In units of 2**-32 turns u is v = (w & ~0xff) | 0x100, so the
-// nearest quadrant is bits 30-31 of v + 2**29 and the residual the low 30 bits of v, signed: the
-// reduction is exact, |r| <= pi/4 with one rounding. Cephes sinf/cosf polynomials on [-pi/4, pi/4].
-FSGLD_HD void sincos_2pi_u(uint32_t w, float* s, float* c) {
+// sin(2 pi u(w)) and cos(2 pi u(w)), as a sign and the sin and cos of a residual. In units of
+// 2**-32 turns u is v = (w & ~0xff) | 0x100, so the nearest half turn is bit 31 of v + 2**30 and the
+// residual the low 31 bits of v, signed: the reduction is exact, |r| <= pi/2 with one rounding. An
+// odd half turn negates both (one sign for the pair); no quadrant swap of sin and cos, which cost
+// two selects, a parity test and a second sign (sm_90 fp32 full step: -6 instructions per element
+// for one more term in each polynomial than on [-pi/4, pi/4]). sin: r + r z S(z), cos: 1 + z C(z),
+// S and C of degree 3 fitted for absolute error on [0, pi/2] (1.7e-8 and 7.2e-8 in float64);
+// tests/test_math_sweep.py checks every input.
+FSGLD_HD uint32_t sincos_half_turn(uint32_t w, float* sp, float* cp) {
   const uint32_t v = (w & 0xFFFFFF00u) | 0x100u;
-  const uint32_t q = v + 0x20000000u;
-  // (int32)(v << 2) is 4 * residual: 22 significant bits, so the conversion is exact
-  const float r = (float)(int32_t)(v << 2) * (6.28318530717958647692f * 0x1p-34f);
+  // (int32)(v << 1) is 2 * residual: 23 significant bits, so the conversion is exact
+  const float r = (float)(int32_t)(v << 1) * (6.28318530717958647692f * 0x1p-33f);
   const float z = r * r;
-  const float sp = fmadd(fmadd(fmadd(-1.9515295891e-4f, z, 8.3321608736e-3f), z, -1.6666654611e-1f) * z, r, r);
-  const float cp =
-      fmadd(fmadd(fmadd(2.443315711809948e-5f, z, -1.388731625493765e-3f), z, 4.166664568298827e-2f) * z, z,
-            fmadd(-0.5f, z, 1.0f));
-  const bool odd = (q & 0x40000000u) != 0;  // quadrants 1 and 3 swap sin and cos
-  const float sv = odd ? cp : sp;
-  const float cv = odd ? sp : cp;
-  // Sign flips as xors of the sign bit (quadrants 2, 3 for sin; 1, 2 for cos): no selects.
-  *s = bits_to_float(float_to_bits(sv) ^ (q & 0x80000000u));
-  *c = bits_to_float(float_to_bits(cv) ^ ((q + 0x40000000u) & 0x80000000u));
+  *sp = fmadd(fmadd(fmadd(fmadd(2.600057086965535e-06f, z, -0.0001980661618290469f), z, 0.008333017118275166f), z,
+                    -0.16666656732559204f) * z, r, r);
+  *cp = fmadd(fmadd(fmadd(fmadd(2.3194415916805156e-05f, z, -0.0013855928555130959f), z, 0.041663989424705505f), z,
+                    -0.4999993145465851f), z, 1.0f);
+  return (v + 0x40000000u) & 0x80000000u;  // the sign bit of an odd half turn
+}
+
+FSGLD_HD void sincos_2pi_u(uint32_t w, float* s, float* c) {
+  float sp, cp;
+  const uint32_t sign = sincos_half_turn(w, &sp, &cp);
+  *s = bits_to_float(float_to_bits(sp) ^ sign);
+  *c = bits_to_float(float_to_bits(cp) ^ sign);
 }
 
 // sqrtf for x in [1.1e-7, 33.3] (what -2 ln u takes). On the GPU: the fast path of sqrtf itself
@@ -157,12 +163,15 @@ FSGLD_HD float sqrt_box_muller(float x) {
 }
 
 // (r cos t, r sin t) with r = sqrt(-2 ln u(wa)), t = 2 pi u(wb): SPEC's box_muller of the words.
-FSGLD_HD void box_muller(uint32_t wa, uint32_t wb, float* n0, float* n1) {
-  const float r = sqrt_box_muller(minus_two_log_u(wa));
+// With `scale`: scale * (r cos t, r sin t), rounded as (scale * r) * cos t (one multiply per pair
+// instead of one per normal; within NOISE_ATOL * scale like the product of the rounded normal).
+FSGLD_HD void box_muller(uint32_t wa, uint32_t wb, float* n0, float* n1, float scale = 1.0f) {
+  const float r = scale * sqrt_box_muller(minus_two_log_u(wa));
   float s, c;
-  sincos_2pi_u(wb, &s, &c);
-  *n0 = r * c;
-  *n1 = r * s;
+  const uint32_t sign = sincos_half_turn(wb, &s, &c);
+  const float rs = bits_to_float(float_to_bits(r) ^ sign);  // (-r) c = -(r c): one sign for both
+  *n0 = rs * c;
+  *n1 = rs * s;
 }
 
 // The four normals of Philox block `block` (elements 4*block .. 4*block+3) of one stream.
@@ -178,11 +187,11 @@ FSGLD_HD Stream make_stream(uint64_t seed, int64_t pid, int64_t step, uint32_t k
 
 // The block index as its two counter words: a kernel whose chunk never crosses 2**32 blocks keeps
 // `hi` uniform across the chunk.
-FSGLD_HD void normal4(const Stream& st, uint32_t lo, uint32_t hi, float out[4]) {
+FSGLD_HD void normal4(const Stream& st, uint32_t lo, uint32_t hi, float out[4], float scale = 1.0f) {
   uint32_t w0 = lo, w1 = hi, w2 = st.step, w3 = st.tag;
   philox4x32_10(w0, w1, w2, w3, st.k0, st.k1);
-  box_muller(w0, w1, &out[0], &out[1]);
-  box_muller(w2, w3, &out[2], &out[3]);
+  box_muller(w0, w1, &out[0], &out[1], scale);
+  box_muller(w2, w3, &out[2], &out[3], scale);
 }
 
 FSGLD_HD void normal4(const Stream& st, uint64_t block, float out[4]) {
@@ -225,6 +234,7 @@ template <typename T>
 struct StepCoeffs {
   T lr, weight_decay, momentum, noise_std, restore_sigma, perturb_sigma, inv_scale;
   bool has_scale, has_momentum;
+  bool has_noise;  // noise_std != 0; the CUDA kernels set it from their template flags (no branch)
 };
 
 // Takes the clean weight (already restored, or the master) and returns the updated clean weight.
@@ -240,7 +250,7 @@ FSGLD_HD T sgld_update(T theta, T g, B* buf, T xi, const StepCoeffs<T>& c) {
     d = static_cast<T>(stored);
   }
   theta = theta - c.lr * d;
-  if (c.noise_std != T(0)) theta = theta + c.noise_std * xi;
+  if (c.has_noise) theta = theta + c.noise_std * xi;
   return theta;
 }
 

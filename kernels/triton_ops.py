@@ -75,23 +75,26 @@ def _minus_two_log_u(w):
 
 
 @triton.jit
-def _sincos_2pi_u(w):
-    """(sin, cos) of 2 pi u(w): exact integer reduction, Cephes polynomials (fsgld_math.h). In
-    place of tl.sin / tl.cos (libdevice: 54 instructions per element more in the fused step)."""
+def _sincos_half_turn(w):
+    """(sin, cos) of the residual of 2 pi u(w) from its nearest half turn, and the sign bit of an odd
+    half turn (which negates both): exact integer reduction, degree-3 polynomials (fsgld_math.h).
+    In place of tl.sin / tl.cos (libdevice: 54 instructions per element more in the fused step)."""
     v = (w & 0xFFFFFF00) | 0x100
-    q = v + 0x20000000
-    r = (v << 2).to(tl.int32, bitcast=True).to(tl.float32) * 3.657295198167899e-10  # 2 pi 2**-34 in fp32
+    r = (v << 1).to(tl.int32, bitcast=True).to(tl.float32) * 7.31459059988282e-10  # 2 pi 2**-33 in fp32
     z = r * r
-    sp = tl.fma(tl.fma(tl.fma(tl.full(z.shape, -1.9515295891e-4, tl.float32), z, 8.3321608736e-3), z,
-                       -1.6666654611e-1) * z, r, r)
-    cp = tl.fma(tl.fma(tl.fma(tl.full(z.shape, 2.443315711809948e-5, tl.float32), z, -1.388731625493765e-3), z,
-                       4.166664568298827e-2) * z, z, tl.fma(z, -0.5, 1.0))
-    odd = (q & 0x40000000) != 0
-    sv = tl.where(odd, cp, sp).to(tl.uint32, bitcast=True)
-    cv = tl.where(odd, sp, cp).to(tl.uint32, bitcast=True)
-    s = (sv ^ (q & 0x80000000)).to(tl.float32, bitcast=True)
-    c = (cv ^ ((q + 0x40000000) & 0x80000000)).to(tl.float32, bitcast=True)
-    return s, c
+    sp = tl.fma(tl.fma(tl.fma(tl.fma(tl.full(z.shape, 2.600057086965535e-06, tl.float32), z, -0.0001980661618290469),
+                              z, 0.008333017118275166), z, -0.16666656732559204) * z, r, r)
+    cp = tl.fma(tl.fma(tl.fma(tl.fma(tl.full(z.shape, 2.3194415916805156e-05, tl.float32), z, -0.0013855928555130959),
+                              z, 0.041663989424705505), z, -0.4999993145465851), z, 1.0)
+    return sp, cp, (v + 0x40000000) & 0x80000000
+
+
+@triton.jit
+def _sincos_2pi_u(w):
+    """(sin, cos) of 2 pi u(w) (fsgld_math.h)."""
+    sp, cp, sign = _sincos_half_turn(w)
+    return (sp.to(tl.uint32, bitcast=True) ^ sign).to(tl.float32, bitcast=True), \
+        (cp.to(tl.uint32, bitcast=True) ^ sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -104,11 +107,12 @@ def _sqrt_box_muller(x):
 
 
 @triton.jit
-def _box_muller(wa, wb):
-    """SPEC's box_muller of the words (u(wa), u(wb))."""
-    r = _sqrt_box_muller(_minus_two_log_u(wa))
-    s, c = _sincos_2pi_u(wb)
-    return r * c, r * s
+def _box_muller(wa, wb, scale):
+    """SPEC's box_muller of the words (u(wa), u(wb)), times `scale` (on r: one multiply per pair)."""
+    r = scale * _sqrt_box_muller(_minus_two_log_u(wa))
+    s, c, sign = _sincos_half_turn(wb)
+    rs = (r.to(tl.uint32, bitcast=True) ^ sign).to(tl.float32, bitcast=True)  # one sign for both
+    return rs * c, rs * s
 
 
 @triton.jit
@@ -121,11 +125,12 @@ def _stream_words(seed, blk, step, tag):
 
 
 @triton.jit
-def _normals(seed, blk, step, tag):
-    """[BLOCK, 4] normals of Philox blocks blk (int64 [BLOCK]) of stream (seed, step, tag)."""
+def _normals(seed, blk, step, tag, scale):
+    """[BLOCK, 4] normals of Philox blocks blk (int64 [BLOCK]) of stream (seed, step, tag), times
+    `scale` (applied to r, as in fsgld_math.h: fp32 full step -1.5 instructions per element)."""
     w0, w1, w2, w3 = _stream_words(seed, blk, step, tag)
-    n0, n1 = _box_muller(w0, w1)
-    n2, n3 = _box_muller(w2, w3)
+    n0, n1 = _box_muller(w0, w1, scale)
+    n2, n3 = _box_muller(w2, w3, scale)
     # element 4*blk + lane takes word `lane`: join stacks on a new last axis, so pair (0,2),(1,3)
     return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (blk.shape[0], 4))
 
@@ -172,17 +177,6 @@ def _sigma_signs(sigma, seed, blk0, step, tag, BLOCK: tl.constexpr):
     top = tl.reshape(word << (28 - 4 * (b % 8)).to(tl.uint32)[None, :], (BLOCK,))
     set_bit = (top[:, None] << (3 - tl.arange(0, 4)[None, :]).to(tl.uint32)) & 0x80000000
     return ((-sigma).to(tl.uint32, bitcast=True) ^ set_bit).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _times_sigma(sigma, eps, SIGNS: tl.constexpr):
-    """sigma * eps of the step's perturbation: normals are multiplied here, next to their use
-    (multiplied earlier, the Gaussian step took 2 instructions per element more); signs come
-    multiplied from _sigma_signs."""
-    if SIGNS:
-        return eps
-    else:
-        return sigma * eps
 
 
 @triton.jit
@@ -262,8 +256,8 @@ def _fused_step_kernel(
     SIGNS: tl.constexpr = (RESTORE and RESTORE_SIGNS) or (AHEAD and AHEAD_SIGNS)  # rows as in _sign_rows
     t, blk0, rows, blk, idx, mask, pid = _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr,
                                                 BLOCK, SIGNS)
-    # The three streams first (unused ones are zeros the compiler drops), then the memory. A
-    # perturbation is normals, or with *_SIGNS already sigma * eps for the signs of SPEC 2b.
+    # The three streams first (unused ones are zeros the compiler drops), then the memory: each
+    # already times its scale (sigma_k, noise_std, sigma_{k+1}; signs as sigma * eps, SPEC 2b).
     e_k = tl.zeros(idx.shape, tl.float32)
     xi = tl.zeros(idx.shape, tl.float32)
     e_n = tl.zeros(idx.shape, tl.float32)
@@ -271,14 +265,14 @@ def _fused_step_kernel(
         if RESTORE_SIGNS:
             e_k = _sigma_signs(restore_sigma, seed, blk0, step, pid * 2, BLOCK)
         else:
-            e_k = _normals(seed, blk, step, pid * 2)
+            e_k = _normals(seed, blk, step, pid * 2, restore_sigma)
     if NOISE:
-        xi = _normals(seed, blk, step, pid * 2 + 1)
+        xi = _normals(seed, blk, step, pid * 2 + 1, noise_std)  # noise_std * xi
     if AHEAD:
         if AHEAD_SIGNS:
             e_n = _sigma_signs(perturb_sigma, seed, blk0, step + 1, pid * 2, BLOCK)
         else:
-            e_n = _normals(seed, blk, step + 1, pid * 2)
+            e_n = _normals(seed, blk, step + 1, pid * 2, perturb_sigma)
     p_addr = tl.load(param_addr + t)
     g_addr = tl.load(grad_addr + t)
     b_addr = p_addr
@@ -335,7 +329,7 @@ def _step_elements(p_ptr, g_ptr, b_ptr, m_ptr, idx, mask, e_k, xi, e_n, lr, weig
     else:
         theta = _load(p_ptr + idx, mask, MASKED).to(tl.float32)
     if RESTORE:
-        theta = theta - _times_sigma(restore_sigma, e_k, RESTORE_SIGNS)
+        theta = theta - e_k  # sigma_k * eps_k, as drawn
     d = _load(g_ptr + idx, mask, MASKED).to(tl.float32)
     if HAS_SCALE:
         d = d * inv_scale
@@ -347,11 +341,11 @@ def _step_elements(p_ptr, g_ptr, b_ptr, m_ptr, idx, mask, e_k, xi, e_n, lr, weig
         d = buf.to(tl.float32)  # the direction is the buffer as stored
     theta = theta - lr * d
     if NOISE:
-        theta = theta + noise_std * xi
+        theta = theta + xi  # drawn as noise_std * xi
     if HAS_MASTER:
         _store(m_ptr + idx, theta, mask, MASKED)
     if AHEAD:
-        theta = theta + _times_sigma(perturb_sigma, e_n, AHEAD_SIGNS)
+        theta = theta + e_n
     _store(p_ptr + idx, _round_to(theta, P_DTYPE, P_SOFT), mask, MASKED)
 
 
@@ -385,7 +379,7 @@ def _perturb_kernel(
     if SIGNS:
         pert = _sigma_signs(sigma, seed, blk0, step, pid * 2, BLOCK)
     else:
-        pert = sigma * _normals(seed, blk, step, pid * 2)
+        pert = _normals(seed, blk, step, pid * 2, sigma)
     p_ptr = tl.load(param_addr + t).to(tl.pointer_type(P_DTYPE))
     clean = _load_clean(p_ptr, master_addr, t, idx, mask, HAS_MASTER)
     tl.store(p_ptr + idx, _round_to(clean + pert, P_DTYPE, P_SOFT), mask=mask)
@@ -395,7 +389,7 @@ def _perturb_kernel(
 def _normals_kernel(out_ptr, n, off, seed, step, tag, BLOCK: tl.constexpr):
     blk = (off >> 2) + tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     idx = blk[:, None] * 4 + tl.arange(0, 4)[None, :].to(tl.int64) - off
-    tl.store(out_ptr + idx, _normals(seed, blk, step, tag), mask=(idx >= 0) & (idx < n))
+    tl.store(out_ptr + idx, _normals(seed, blk, step, tag, 1.0), mask=(idx >= 0) & (idx < n))
 
 
 @triton.jit(do_not_specialize=["nblocks", "first", "seed", "step", "tag"])
@@ -413,7 +407,9 @@ def _words_kernel(out_ptr, nblocks, first, seed, step, tag, BLOCK: tl.constexpr)
 # Philox blocks per program and warps. The interpreter runs programs one by one in numpy, so it
 # takes the smallest block; on a GPU `_tuned_block` times the candidates once per (device, dtype,
 # size class) on scratch tensors, outside CUDA-graph capture, and remembers the choice on disk.
-_CONFIGS = ((256, 4), (512, 4), (1024, 8), (2048, 8))
+# (256, 4) left out: 118.4 instructions per element in the default fp32 Gaussian step (sm_90 SASS,
+# 8 elements per thread), over the 110 the H200 floor allows; 512-2048 count 106-109.
+_CONFIGS = ((512, 4), (1024, 8), (2048, 8))
 # Under CUDA-graph capture before any tuning (nothing may be timed then): a mid-sized config.
 _DEFAULT_CONFIG = (512, 4)
 # The largest scratch the tuning times on: 2 x 64 MB in fp32, past the L2 of an H100/H200 (50/60 MB),

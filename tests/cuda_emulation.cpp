@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <vector>
 
 struct EmulatedDim3 {
   unsigned x = 0, y = 0, z = 0;
@@ -25,6 +26,12 @@ static EmulatedDim3 blockIdx, threadIdx, blockDim;
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __grid_constant__
+
+static int64_t g_chunk_paths[2] = {0, 0};  // chunks that took the edge / the interior path
+#define FSGLD_TRACE_CHUNK_PATH(interior) \
+  do {                                   \
+    if (threadIdx.x == 0) ++g_chunk_paths[(interior) ? 1 : 0]; \
+  } while (0)
 
 #include "fsgld_cuda_kernels.cuh"
 #include "fsgld_schemas.h"
@@ -99,6 +106,8 @@ void philox_words_emu(at::Tensor out, int64_t seed, int64_t param_id, int64_t st
 
 int64_t launches() { return g_launches; }
 
+std::vector<int64_t> chunk_paths() { return {g_chunk_paths[0], g_chunk_paths[1]}; }
+
 }  // namespace
 
 TORCH_LIBRARY(fsgld_cuda_emu, m) {
@@ -107,6 +116,7 @@ TORCH_LIBRARY(fsgld_cuda_emu, m) {
   m.def(fsgld::schema::kNormals);
   m.def(fsgld::schema::kPhiloxWords);
   m.def("launches", &launches);
+  m.def("chunk_paths", &chunk_paths);
 }
 
 TORCH_LIBRARY_IMPL(fsgld_cuda_emu, CPU, m) {

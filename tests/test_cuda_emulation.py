@@ -4,6 +4,7 @@ within the SPEC tolerance, on the vector and tail paths, shard offsets, misalign
 calls large enough to need several launches. No GPU needed; the GPU run is tests/test_gpu.py."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from fsgld_fused.testing import NOISE_ATOL, assert_step_close, rtol_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# Sizes around the kernels' structure: Philox blocks of 4, chunks of 4096 elements.
+# Sizes around the kernels' structure: Philox blocks of 4, chunks of 8192 elements (CHUNK below).
 SIZES = [0, 1, 3, 4, 5, 1023, 4096, 3 * 4096 + 5]
 OFFSETS = [0, 5, 1, 0, 2, 3, 4096, 0]
 
@@ -126,9 +127,9 @@ def test_every_path_with_offsets_masters_weight_decay_momentum_scale(emu, case):
     _op_paths.check_case(emu, *case)
 
 
-# Rademacher (SPEC 2b): the interior path draws one Philox call per thread and hands the words
-# around the warp (emulated by recomputing the source lane's word); chunks whose first element is
-# not 128-aligned, tails and shards take the per-block path. Sizes span several 4096-element chunks.
+# Rademacher (SPEC 2b): a thread draws one Philox call per stream and hands the words around the
+# warp (emulated by recomputing the source lane's word), on the interior and at the edges alike;
+# chunks start at a Rademacher block whatever the offset. Sizes span one or two chunks.
 RAD_SIZES = [3 * 4096 + 5, 2 * 4096, 4096 + 130, 70, 8192]
 RAD_OFFSETS = [0, 128 * 2**32 - 4096, 4, 4 * (2**32 - 1024), 4101]  # 128-aligned, 2**32 carry, 4 mod 128, ...
 
@@ -236,10 +237,18 @@ def test_more_tensors_than_one_table_holds(emu):
         assert_step_close(a, b, 0.05)
 
 
+def _kernel_constant(name):
+    text = open(os.path.join(ROOT, "csrc", "fsgld_cuda_kernels.cuh")).read()
+    return int(re.search(rf"constexpr int {name} = (\d+);", text).group(1))
+
+
+CHUNK = 4 * _kernel_constant("kThreads") * _kernel_constant("kBlocksPerThread")  # elements per CUDA block
+
+
 def test_a_tensor_split_across_launches(emu):
-    # 2048 chunks of 4096 elements fill a table: the big tensor continues in a second launch,
-    # its chunk numbering carried over (a wrong carry would redraw or skip part of the stream)
-    sizes = [4096 * 3 + 1, 2048 * 4096 + 2 * 4096 + 3]
+    # 2048 chunks fill a table: the big tensor continues in a second launch, its chunk numbering
+    # carried over (a wrong carry would redraw or skip part of the stream)
+    sizes = [CHUNK * 3 + 1, 2048 * CHUNK + 2 * CHUNK + 3]
     params = make(sizes, torch.float32)
     ref = [p.clone() for p in params]
     before = launches()
@@ -259,3 +268,42 @@ def test_rejects_what_the_launcher_rejects(emu):
         emu.normals(1, 0, 0, 2, 8)
     with pytest.raises(RuntimeError, match=r"shape \(n, 4\)"):
         emu.lib.philox_words_(torch.zeros(3, 4), 1, 0, 0, 0, 0)
+
+
+def chunk_paths():
+    edge, interior = torch.ops.fsgld_cuda_emu.chunk_paths()
+    return edge, interior
+
+
+@pytest.mark.parametrize("signs", [False, True], ids=["gaussian", "rademacher"])
+def test_shards_at_any_offset_take_the_fast_path(emu, signs):
+    """FSDP2 shards start wherever dim 0 splits: a multiple of 4 but rarely of 128. Every whole chunk
+    inside such a shard takes the interior path (signs: chunks start at a Rademacher block, and the
+    edge chunks draw their words the same way, one Philox per thread), as fsgld_fused.sass's chunk
+    model counts; the result is the reference's, exactly for signs without noise."""
+    from fsgld_fused import sass
+
+    sizes = [3 * CHUNK + 8, 2 * CHUNK + 100, 777]
+    offsets = [4, 128 * 7 + 36, 260]  # 4 mod 128 and 36 mod 128: one or two Rademacher words straddled
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.randn(n, generator=gen) for n in sizes]
+    grads = [torch.randn(n, generator=gen) for n in sizes]
+    ref = [p.clone() for p in params]
+    chunk_blocks = _kernel_constant("kThreads") * _kernel_constant("kBlocksPerThread")
+    expected = [0, 0]
+    for n, off in zip(sizes, offsets):
+        for _, interior in sass._cuda_chunks(n, off, signs, chunk_blocks):
+            expected[int(interior)] += 1
+    assert expected[1] >= 3  # the layout has interior chunks to find
+    kw = dict(offsets=offsets, restore_rademacher=signs, perturb_rademacher=signs)
+    args = ([3, 1, 2], 0xFEEDFACECAFEBEEF, 6, 1e-2, 0.0, 0.0, 0.0, 0.05, 0.05)
+    before = chunk_paths()
+    emu.fused_step_(params, grads, [], *args, **kw)
+    after = chunk_paths()
+    assert [a - b for a, b in zip(after, before)] == expected
+    R.fused_step_(ref, grads, [], *args, **kw)
+    for a, b in zip(params, ref):
+        if signs:
+            assert torch.equal(a, b)
+        else:
+            assert_step_close(a, b, 0.1)

@@ -55,13 +55,13 @@ def test_cpp_header_every_input(build, tmp_path):
     ctypes.CDLL(str(lib)).fsgld_sweep(*[ctypes.c_void_p(x.ctypes.data) for x in out])
     minus_two_log, r, s, c = out
     # the log within 1.3e-6 relative (the degree-6 polynomial), the sqrt correctly rounded,
-    # sin/cos within 1 ulp of 1
+    # sin/cos within 2 ulp of 1 (the residual of a half-turn reduction, |r| <= pi/2, is rounded once)
     assert (np.abs(minus_two_log - R64**2) / R64**2).max() < 2.0**-19
     assert np.array_equal(r, np.sqrt(minus_two_log))
     bound, err_r, err_t = normal_error_bound(r, s, c)
     print(f"{build}: max |r - r64| {err_r:.3g}, max sin/cos error {err_t:.3g}, normal bound {bound:.3g}"
           f" (NOISE_ATOL {NOISE_ATOL:.3g})")
-    assert err_t < 2.0**-23
+    assert err_t < 2.0**-22
     assert bound <= NOISE_ATOL
 
 
@@ -94,5 +94,5 @@ def test_triton_helpers_every_input():
     _sweep_kernel[(N >> 20,)](w, r, s, c, BLOCK=1 << 20)
     bound, err_r, err_t = normal_error_bound(r.numpy(), s.numpy(), c.numpy())
     print(f"triton interpreter: max |r - r64| {err_r:.3g}, max sin/cos error {err_t:.3g}, normal bound {bound:.3g}")
-    assert err_t < 2.0**-23
+    assert err_t < 2.0**-22
     assert bound <= NOISE_ATOL
