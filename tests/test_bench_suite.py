@@ -21,7 +21,8 @@ def _pytest(*args, **env):
 def test_bench_suite_writes_pytest_benchmark_json(tmp_path):
     pytest.importorskip("pytest_benchmark", reason="pytest-benchmark is not installed: nothing to run")
     out = tmp_path / "bench.json"
-    rc, log = _pytest("bench/", "--benchmark-only", f"--benchmark-json={out}", "-k", "SGD and fused or FSGLD and cpu",
+    rc, log = _pytest("bench/test_bench_step.py", "--benchmark-only", f"--benchmark-json={out}", "-k",
+                      "SGD and fused or FSGLD and cpu",
                       FSGLD_BENCH_SIZES="4K")
     assert rc == 0, log[-3000:]
     runs = {b["param"]: b for b in json.loads(out.read_text())["benchmarks"]}
