@@ -262,10 +262,10 @@ def settings(args: argparse.Namespace, device: torch.device) -> tuple[list[int],
         sizes = [1 << 24, 1 << 27, 1 << 30] if device.type == "cuda" else [1 << 20, 1 << 22, 1 << 24, 1 << 26]
     repeat = args.repeat if args.repeat is not None else 3 if args.quick else 7
     if args.include is not None:
-        include = set(filter(None, args.include.split(",")))
+        include = set(filter(None, args.include.split(","))) - {"none"}
         unknown = sorted(include - INCLUDABLE)
         if unknown:
-            _cli.fail(f"bench --include {','.join(unknown)}: choose from {', '.join(sorted(INCLUDABLE))} ('' for none)")
+            _cli.fail(f"bench --include {','.join(unknown)}: choose from {', '.join(sorted(INCLUDABLE))} ('' or none for none)")
     else:  # Inductor's C++ compile of 100 tensors takes minutes on 2 cores
         include = set() if args.quick and device.type == "cpu" else {"compile"}
     return sizes, repeat, include
@@ -462,7 +462,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated: float32, bfloat16 (bf16 params; FSGLD with fp32 master weights)")
     p.add_argument("--repeat", type=_cli.positive_int,
                    help="timed steps per variant, after 2 warm-ups (default: 7; 3 with --quick)")
-    p.add_argument("--include", help="extra variants, comma-separated: compile, reference; '' for none "
+    p.add_argument("--include", help="extra variants, comma-separated: compile, reference; '' or none for none "
                                      "(default: compile; none with --quick on cpu)")
     p.add_argument("--quick", action="store_true",
                    help="CI-sized defaults: 1M and 4M params, 3 repeats, no compile on cpu (options given still hold)")
