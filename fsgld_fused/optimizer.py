@@ -53,8 +53,8 @@ def _check_hparams(group: dict[str, Any], capturable: bool = False) -> None:
             raise ValueError("a Tensor lr needs capturable=True and a one-element float32 tensor")
     elif torch.compiler.is_compiling():
         pass  # a compiled step takes a float lr as a graph input: comparing it would specialise the graph on it
-    elif lr is not required and not 0.0 <= lr < math.inf:  # lr = 0: no update, no Langevin noise
-        raise ValueError(f"Invalid learning rate: {lr!r} (need a finite float >= 0)")
+    elif lr is not required:  # lr = 0: no update, no Langevin noise
+        _plan.check_lr(group)
     if beta is not required and not beta > 0.0:  # also refuses NaN; beta = inf is noise-free
         raise ValueError(f"Invalid beta: {beta!r} (need beta > 0; it is the inverse temperature)")
     if sigma is None:
@@ -335,7 +335,8 @@ class FSGLD(Optimizer):
                 if pert[0] != 0.0 and self._touchable(p) and _applied(state)[0] == 0.0:
                     self._shift_call(calls, group, p, pid, pert, self._view(p), self._master_now(p, pid))
                     applied.append((state, pert))
-        self._drop_plan()
+        if applied:  # the plan's calls restore what is applied: a change of it makes a new plan
+            self._drop_plan()
         self._run_shifts(calls, 0, perturb=True)
         for state, pert in applied:
             _set_applied(state, *pert)
@@ -352,7 +353,8 @@ class FSGLD(Optimizer):
                 if _applied(state)[0] != 0.0 and p.device.type != "meta":
                     self._shift_call(calls, group, p, pid, _applied(state), self._view(p), self._master(p))
                     restored.append(state)
-        self._drop_plan()
+        if restored:
+            self._drop_plan()
         self._run_shifts(calls, 0, perturb=False)
         for state in restored:
             _set_applied(state, 0.0, False)

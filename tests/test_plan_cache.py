@@ -68,6 +68,15 @@ def _data(m, o):
     m[0].weight.data = m[0].weight.data.clone() * 2  # new storage, same metadata
 
 
+def _transpose(m, o):
+    m[0].weight.data = m[0].weight.data.t()  # same storage and shape, new strides
+
+
+def _in_place(m, o):
+    with torch.no_grad():  # a rollback / clipping between steps, on a param the kernels see through a copy
+        m[0].weight.mul_(0.5)
+
+
 def _perturbation(m, o):
     o.param_groups[0]["perturbation"] = "rademacher"
 
@@ -91,7 +100,8 @@ def _load(m, o):
 
 
 ROUTES = {"lr": _lr, "beta": _beta, "add_param_group": _add_group, "freeze": _freeze, "unfreeze": _unfreeze,
-          "to bf16": _to_bf16, "p.data =": _data, "perturbation": _perturbation, "master_weights": _masters,
+          "to bf16": _to_bf16, "p.data =": _data, "p.data = p.data.t()": _transpose,
+          "in place, strided": _in_place, "perturbation": _perturbation, "master_weights": _masters,
           "restore": lambda m, o: o.restore(), "unperturbed": lambda m, o: o.unperturbed().__enter__(),
           "load_state_dict": _load, "state by hand": _state_by_hand, "grad disappears": None, "grad appears": None}
 
@@ -99,6 +109,8 @@ ROUTES = {"lr": _lr, "beta": _beta, "add_param_group": _add_group, "freeze": _fr
 @pytest.mark.parametrize("route", list(ROUTES))
 def test_a_cached_plan_follows_every_change(route):
     model = _model()
+    if route == "in place, strided":  # a strided param: the kernels update a contiguous copy of it
+        model[0].weight = torch.nn.Parameter(model[0].weight.detach().t().contiguous().t())
     model[0].bias.requires_grad_(False)  # frozen until "unfreeze"
     opt = FSGLD([{"params": model[0].parameters()}, {"params": model[1].parameters()}], **HP)
     x = torch.randn(5, 4)
@@ -140,3 +152,38 @@ def test_the_plan_is_reused_in_steady_state():
     _backward(model, x)
     with pytest.raises(ValueError, match="Invalid learning rate"):  # still checked at every step
         opt.step()
+
+
+def test_closure_and_train_steps_reuse_the_plan():
+    """perturb() / restore() that change nothing (step(closure), opt.train() before a step, as the
+    HF Trainer calls it) keep the plan."""
+    model = _model()
+    opt = FSGLD(model.parameters(), **HP)
+    x = torch.randn(5, 4)
+
+    def closure():
+        _backward(model, x)
+        return None
+
+    plans = []
+    for k in range(5):
+        if k % 2:
+            opt.train()
+            _backward(model, x)
+            opt.step()
+        else:
+            opt.step(closure)
+        plans.append(opt._cache["plan"])
+    assert plans[1] is not None and all(p is plans[1] for p in plans[1:])
+
+
+def test_an_expanded_grad_is_checked_too():
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = FSGLD([p], **HP)
+    p.grad = torch.ones(1).expand(4)  # its elements share memory: the multi-tensor check refuses it
+    opt.step()
+    p.grad = torch.tensor([float("nan")]).expand(4)
+    before = p.detach().clone()
+    with pytest.raises(RuntimeError, match="non-finite gradient"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
