@@ -442,8 +442,12 @@ void perturb_chunk_isa(S* p, const float* master, const float* eps, int64_t n, m
 }
 
 void perturb_cpu(at::TensorList params, at::TensorList masters, at::IntArrayRef param_ids, at::IntArrayRef offsets,
-                 int64_t seed, int64_t step, double sigma, const std::optional<at::Tensor>& step_t, bool rademacher) {
+                 int64_t seed, int64_t step, double sigma, const std::optional<at::Tensor>& step_t, bool rademacher,
+                 int64_t rounding_op) {
   check_lists(c10::DeviceType::CPU, params, {}, {}, masters, param_ids, offsets);
+  check_rounding_op(rounding_op);
+  TORCH_CHECK(!rounds_stochastically(params, masters, rounding_op >= 0),
+              "fsgld: stochastic rounding is not implemented in the CPU kernels yet");
   if (params.empty()) return;
   check_step_tensor(step_t, params[0].device());
   if (step_t.has_value()) step = step_t->item<int64_t>();
@@ -531,9 +535,12 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     int64_t step, double lr, double weight_decay, double momentum, double noise_std,
                     double restore_sigma, double perturb_sigma, const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& step_t,
-                    const std::optional<at::Tensor>& lr_t, bool restore_rademacher, bool perturb_rademacher) {
+                    const std::optional<at::Tensor>& lr_t, bool restore_rademacher, bool perturb_rademacher,
+                    bool stochastic_rounding) {
   check_fused_step(c10::DeviceType::CPU, params, grads, momentum_buffers, masters, param_ids, offsets, momentum,
                    grad_scale, found_inf, step_t, lr_t);
+  TORCH_CHECK(!rounds_stochastically(params, masters, stochastic_rounding),
+              "fsgld: stochastic rounding is not implemented in the CPU kernels yet");
   if (params.empty()) return;
   if (step_t.has_value()) step = step_t->item<int64_t>();  // CPU tensors: reading them costs no sync
   if (lr_t.has_value()) {

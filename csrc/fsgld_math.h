@@ -227,6 +227,51 @@ FSGLD_HD float signed_sigma(float sigma, uint32_t nibble, int l) {
   return bits_to_float(float_to_bits(sigma) ^ (~(nibble << (31 - l)) & 0x80000000u));
 }
 
+// ---- SPEC 2c: stochastic rounding of bf16 params without masters ------------------------------
+// The `op` of each call's rounding sub-stream: the fused step, perturb_, restore_.
+enum RoundingOp : uint32_t { kRoundStep = 0, kRoundPerturb = 1, kRoundRestore = 2 };
+
+// The four Philox words of rounding block `rblock` (elements 8 rblock .. 8 rblock + 7) for `op`:
+// the Langevin stream `st_xi` with sub-stream 0xffff - op in bits 16..31 of counter word 1, which
+// no other draw uses. Element e of the block takes bits 16 (e % 2) .. +15 of word e / 2.
+FSGLD_HD void rounding_words(const Stream& st_xi, uint32_t op, uint64_t rblock, uint32_t w[4]) {
+  w[0] = (uint32_t)rblock, w[1] = (uint32_t)(rblock >> 32) | ((0xFFFFu - op) << 16), w[2] = st_xi.step;
+  w[3] = st_xi.tag;
+  philox4x32_10(w[0], w[1], w[2], w[3], st_xi.k0, st_xi.k1);
+}
+
+// float32 -> bf16 bits rounded to nearest even, NaN -> 0x7fc0: c10::BFloat16's conversion.
+FSGLD_HD uint16_t bf16_bits_nearest(float x) {
+  const uint32_t u = float_to_bits(x);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0u;
+  return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// float32 -> bf16 bits, rounded away from zero with probability (distance to the lower neighbour)
+// / ulp: the 16 random bits `r` added below bf16's last mantissa bit, then truncated. Non-finite
+// x, or a finite x that would become infinite, rounds to nearest (SPEC 2c).
+FSGLD_HD uint16_t bf16_bits_stochastic(float x, uint32_t r) {
+  const uint32_t u = float_to_bits(x), b = (u + r) >> 16;
+  if ((u & 0x7F800000u) == 0x7F800000u || (b & 0x7F80u) == 0x7F80u) return bf16_bits_nearest(x);
+  return (uint16_t)b;
+}
+
+// ulp(theta)**2 / 6 with ulp = 2**(e - 7) (e: theta's unbiased float32 exponent; 2**-133 below
+// 2**-126), rounded as the reference computes it: (ulp * ulp) * float32(1/6).
+FSGLD_HD float bf16_rounding_variance(float theta) {
+  uint32_t e = (float_to_bits(theta) >> 23) & 0xFFu;  // biased
+  e = e < 1u ? 1u : e;
+  // 2**(e - 134): a normal float for e >= 8 (biased exponent e - 7), else the subnormal 2**(e + 15) ulps
+  const float ulp = e >= 8u ? bits_to_float((e - 7u) << 23) : bits_to_float(1u << (e + 15u));
+  return (ulp * ulp) * (1.0f / 6.0f);
+}
+
+// The Langevin std that leaves room for the rounding's variance: sqrt(max(0, std**2 - ulp**2 / 6)).
+FSGLD_HD float compensated_noise_std(float theta, float std) {
+  const float v = std * std - bf16_rounding_variance(theta);
+  return sqrtf(v > 0.0f ? v : 0.0f);
+}
+
 // ---- SPEC section 3, one element -------------------------------------------------------------
 // T is the math type: float (double for float64 params). Zero coefficients are skipped so the
 // result equals the reference's, which also skips them.

@@ -100,6 +100,16 @@ inline void check_words(const at::Tensor& out, c10::DeviceType device_type, int6
               "fsgld::philox_words_: out must be an int32 tensor of shape (n, 4)");
 }
 
+// SPEC 2c: whether a call's params are rounded stochastically (bf16 without masters, and asked for).
+inline bool rounds_stochastically(at::TensorList params, at::TensorList masters, bool asked) {
+  return asked && !params.empty() && params[0].scalar_type() == at::kBFloat16 && masters.empty();
+}
+
+inline void check_rounding_op(int64_t rounding_op) {
+  TORCH_CHECK(rounding_op == -1 || rounding_op == 1 || rounding_op == 2,
+              "fsgld::perturb_: rounding_op must be -1 (to nearest), 1 (perturb_) or 2 (restore_), got ", rounding_op);
+}
+
 // Python ints are int64 in schemas: the 64-bit seed travels as its two's-complement bits.
 inline uint64_t seed_bits(int64_t seed) { return static_cast<uint64_t>(seed); }
 

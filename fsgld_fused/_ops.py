@@ -7,6 +7,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .reference import PERTURB_OP, RESTORE_OP
+
 _EXT_ERROR: Optional[str] = None
 try:
     from . import _C  # noqa: F401  (loading the library registers torch.ops.fsgld.*)
@@ -48,26 +50,27 @@ class ExtensionOps:
         self.lib = getattr(torch.ops, namespace)
 
     def perturb_(self, params, param_ids, seed, step, sigma, offsets=None, masters: Sequence[torch.Tensor] = (),
-                 step_t=None, rademacher=False):
+                 step_t=None, rademacher=False, stochastic_rounding=False, _op=PERTURB_OP):
         self.lib.perturb_(list(params), list(masters), list(param_ids), _offsets(params, offsets),
-                          _seed_arg(seed), step, sigma, step_t, rademacher)
+                          _seed_arg(seed), step, sigma, step_t, rademacher, _op if stochastic_rounding else -1)
 
     def restore_(self, params, param_ids, seed, step, sigma, offsets=None, masters: Sequence[torch.Tensor] = (),
-                 step_t=None, rademacher=False):
+                 step_t=None, rademacher=False, stochastic_rounding=False):
         if masters:  # the master is the clean weight: copying it back is the exact restore
             torch._foreach_copy_(list(params), list(masters))
             return
-        self.perturb_(params, param_ids, seed, step, -sigma, offsets, step_t=step_t, rademacher=rademacher)
+        self.perturb_(params, param_ids, seed, step, -sigma, offsets, step_t=step_t, rademacher=rademacher,
+                      stochastic_rounding=stochastic_rounding, _op=RESTORE_OP)
 
     def fused_step_(self, params, grads, momentum_buffers, param_ids, seed, step, lr, weight_decay, momentum,
                     noise_std, restore_sigma, perturb_sigma, offsets=None, masters: Sequence[torch.Tensor] = (),
                     grad_scale=None, found_inf=None, step_t=None, lr_t=None, restore_rademacher=False,
-                    perturb_rademacher=False):
+                    perturb_rademacher=False, stochastic_rounding=False):
         grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
         self.lib.fused_step_(list(params), grads, list(momentum_buffers), list(masters), list(param_ids),
                              _offsets(params, offsets), _seed_arg(seed), step, lr, weight_decay, momentum,
                              noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, step_t, lr_t,
-                             restore_rademacher, perturb_rademacher)
+                             restore_rademacher, perturb_rademacher, stochastic_rounding)
 
     def normals(self, seed, pid, step, kind, numel, offset=0, device="cpu"):
         out = torch.empty(numel, dtype=torch.float32, device=device)

@@ -23,6 +23,7 @@ import triton.language as tl
 
 from .._ops import _offsets, _seed_arg
 from ..baselines import median, time_fn
+from ..reference import PERTURB_OP, RESTORE_OP
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -627,12 +628,15 @@ _U64 = (1 << 64) - 1
 
 @torch.library.custom_op("fsgld_triton::perturb_", mutates_args=("params",))
 def _perturb_op(params: list[torch.Tensor], masters: list[torch.Tensor], param_ids: list[int], offsets: list[int],
-                seed: int, step: int, sigma: float, step_t: Optional[torch.Tensor], rademacher: bool) -> None:
+                seed: int, step: int, sigma: float, step_t: Optional[torch.Tensor], rademacher: bool,
+                rounding_op: int) -> None:
     with _on_device(params[0].device):
-        _launch_perturb(params, masters, param_ids, offsets, seed, step, sigma, step_t, rademacher)
+        _launch_perturb(params, masters, param_ids, offsets, seed, step, sigma, step_t, rademacher, rounding_op)
 
 
-def _launch_perturb(params, masters, param_ids, offsets, seed, step, sigma, step_t, rademacher=False):
+def _launch_perturb(params, masters, param_ids, offsets, seed, step, sigma, step_t, rademacher=False, rounding_op=-1):
+    if rounding_op >= 0 and params[0].dtype == torch.bfloat16 and not masters:
+        raise NotImplementedError("fsgld triton: stochastic rounding is not implemented in the Triton kernels yet")
     block, warps = _tuned_block(params[0].device, params[0].dtype, sum(p.numel() for p in params))
     n_chunks, chunk_t, chunk_i, numel, offs, pids, p_addr, _, _, m_addr, _ = _table(
         params, [], [], masters, param_ids, offsets, block, rademacher
@@ -652,7 +656,9 @@ def _fused_step_op(params: list[torch.Tensor], grads: list[torch.Tensor], moment
                    lr: float, weight_decay: float, momentum: float, noise_std: float, restore_sigma: float,
                    perturb_sigma: float, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
                    step_t: Optional[torch.Tensor], lr_t: Optional[torch.Tensor], restore_rademacher: bool,
-                   perturb_rademacher: bool) -> None:
+                   perturb_rademacher: bool, stochastic_rounding: bool) -> None:
+    if stochastic_rounding and params[0].dtype == torch.bfloat16 and not masters:
+        raise NotImplementedError("fsgld triton: stochastic rounding is not implemented in the Triton kernels yet")
     with _on_device(params[0].device):
         block, warps = _tuned_block(params[0].device, params[0].dtype, sum(p.numel() for p in params))
         _launch_step(params, grads, momentum_buffers, masters, param_ids, offsets, seed & _U64, step, lr,
@@ -661,40 +667,41 @@ def _fused_step_op(params: list[torch.Tensor], grads: list[torch.Tensor], moment
 
 
 @_perturb_op.register_fake
-def _(params, masters, param_ids, offsets, seed, step, sigma, step_t, rademacher):
+def _(params, masters, param_ids, offsets, seed, step, sigma, step_t, rademacher, rounding_op):
     return None
 
 
 @_fused_step_op.register_fake
 def _(params, grads, momentum_buffers, masters, param_ids, offsets, seed, step, lr, weight_decay, momentum,
       noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, step_t, lr_t, restore_rademacher,
-      perturb_rademacher):
+      perturb_rademacher, stochastic_rounding):
     return None
 
 
 # ---- the backend's face: the reference's signatures ---------------------------------------------
 def perturb_(params, param_ids, seed, step, sigma, offsets=None, masters: Sequence[torch.Tensor] = (), step_t=None,
-             rademacher=False):
+             rademacher=False, stochastic_rounding=False, _op=PERTURB_OP):
     params, masters, offsets = list(params), list(masters), _offsets(params, offsets)
     _check(params, list(param_ids), offsets, masters)
     if params:
         _perturb_op(params, masters, list(param_ids), offsets, _seed_arg(seed), step, float(sigma), step_t,
-                    bool(rademacher))
+                    bool(rademacher), _op if stochastic_rounding else -1)
 
 
 def restore_(params, param_ids, seed, step, sigma, offsets=None, masters: Sequence[torch.Tensor] = (), step_t=None,
-             rademacher=False):
+             rademacher=False, stochastic_rounding=False):
     if masters:  # the master is the clean weight: copying it back is the exact restore
         torch._foreach_copy_(list(params), list(masters))
         return
-    perturb_(params, param_ids, seed, step, -sigma, offsets, step_t=step_t, rademacher=rademacher)
+    perturb_(params, param_ids, seed, step, -sigma, offsets, step_t=step_t, rademacher=rademacher,
+             stochastic_rounding=stochastic_rounding, _op=RESTORE_OP)
 
 
 def fused_step_(params, grads, momentum_buffers, param_ids, seed, step, lr, weight_decay, momentum, noise_std,
                 restore_sigma, perturb_sigma, offsets=None, masters: Sequence[torch.Tensor] = (),
                 grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None,
                 step_t: Optional[torch.Tensor] = None, lr_t: Optional[torch.Tensor] = None, restore_rademacher=False,
-                perturb_rademacher=False):
+                perturb_rademacher=False, stochastic_rounding=False):
     params, masters, offsets = list(params), list(masters), _offsets(params, offsets)
     grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
     bufs = list(momentum_buffers)
@@ -705,7 +712,7 @@ def fused_step_(params, grads, momentum_buffers, param_ids, seed, step, lr, weig
         _fused_step_op(params, grads, bufs, masters, list(param_ids), offsets, _seed_arg(seed), step, float(lr),
                        float(weight_decay), float(momentum), float(noise_std), float(restore_sigma),
                        float(perturb_sigma), grad_scale, found_inf, step_t, lr_t, bool(restore_rademacher),
-                       bool(perturb_rademacher))
+                       bool(perturb_rademacher), bool(stochastic_rounding))
 
 
 def normals(seed, pid, step, kind, numel, offset=0, device="cpu"):

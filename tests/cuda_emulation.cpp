@@ -69,9 +69,12 @@ void fused_step_emu(at::TensorList params, at::TensorList grads, at::TensorList 
                     int64_t step, double lr, double weight_decay, double momentum, double noise_std,
                     double restore_sigma, double perturb_sigma, const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& step_t,
-                    const std::optional<at::Tensor>& lr_t, bool restore_rademacher, bool perturb_rademacher) {
+                    const std::optional<at::Tensor>& lr_t, bool restore_rademacher, bool perturb_rademacher,
+                    bool stochastic_rounding) {
   check_fused_step(c10::DeviceType::CPU, params, grads, momentum_buffers, masters, param_ids, offsets, momentum,
                    grad_scale, found_inf, step_t, lr_t);
+  TORCH_CHECK(!rounds_stochastically(params, masters, stochastic_rounding),
+              "fsgld: stochastic rounding is not implemented in the CUDA (emulated) kernels yet");
   if (params.empty()) return;
   fused_step_host(params, grads, momentum_buffers, masters, param_ids, offsets, seed, step, lr, weight_decay, momentum,
                   noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, step_t, lr_t, restore_rademacher,
@@ -80,8 +83,11 @@ void fused_step_emu(at::TensorList params, at::TensorList grads, at::TensorList 
 
 void perturb_emu(at::TensorList params, at::TensorList masters, at::IntArrayRef param_ids, at::IntArrayRef offsets,
                  int64_t seed, int64_t step, double sigma, const std::optional<at::Tensor>& step_t,
-                 bool rademacher) {
+                 bool rademacher, int64_t rounding_op) {
   check_lists(c10::DeviceType::CPU, params, {}, {}, masters, param_ids, offsets);
+  check_rounding_op(rounding_op);
+  TORCH_CHECK(!rounds_stochastically(params, masters, rounding_op >= 0),
+              "fsgld: stochastic rounding is not implemented in the CUDA (emulated) kernels yet");
   if (params.empty()) return;
   check_step_tensor(step_t, params[0].device());
   perturb_host(params, masters, param_ids, offsets, seed, step, sigma, step_t, rademacher, CpuLaunch{});

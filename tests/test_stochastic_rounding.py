@@ -1,6 +1,6 @@
 """SPEC 2c in the reference: the rounding bits, the rounding itself, the compensated Langevin std,
-and whether a bf16 chain then samples at the right temperature. (The option on FSGLD and the
-kernels' versions are not built yet: issue 26.)"""
+and whether a bf16 chain then samples at the right temperature; and that the backends' check
+(tests/_sr_paths.py) fails on a backend that gets SPEC 2c wrong."""
 
 import math
 import os
@@ -137,3 +137,52 @@ def test_bf16_chain_samples_at_the_right_temperature():
     assert 1.08 < rows["bf16 nearest"]["var_ratio"] < 1.3, rows["bf16 nearest"]
     frozen = bf16_sampling.stationary_moments("bf16 nearest", 0.026, chains=1024, steps=200, skip=50)
     assert frozen["moved"] < 0.01, frozen
+
+
+# ---- the backend check (tests/_sr_paths.py) can fail -----------------------------------------------
+import _sr_paths  # noqa: E402
+
+
+class _Mutant:
+    """The reference with one thing wrong, as a backend's ops."""
+
+    def __init__(self, nearest=False, plain_std=False, restore_op=R.RESTORE_OP):
+        self.nearest, self.plain_std, self.restore_op = nearest, plain_std, restore_op
+
+    def _sr(self, kw):
+        if self.nearest:
+            kw["stochastic_rounding"] = False
+        return kw
+
+    def perturb_(self, *args, **kw):
+        R.perturb_(*args, **self._sr(kw))
+
+    def restore_(self, params, ids, seed, step, sigma, **kw):
+        kw = self._sr(kw)
+        if kw.get("masters"):
+            return R.restore_(params, ids, seed, step, sigma, **kw)
+        R.perturb_(params, ids, seed, step, -sigma, _op=self.restore_op, **kw)
+
+    def fused_step_(self, *args, **kw):
+        if self.plain_std:
+            saved, R.compensated_noise_std = R.compensated_noise_std, lambda theta, std: std
+            try:
+                return R.fused_step_(*args, **self._sr(kw))
+            finally:
+                R.compensated_noise_std = saved
+        R.fused_step_(*args, **self._sr(kw))
+
+
+def test_the_backend_check_passes_the_reference():
+    _sr_paths.check_all(_Mutant(), n_tensors=4)
+
+
+@pytest.mark.parametrize("mutant, check", [
+    (dict(nearest=True), _sr_paths.check_noise_free),
+    (dict(restore_op=R.PERTURB_OP), _sr_paths.check_noise_free),
+    (dict(nearest=True), _sr_paths.check_noisy),
+    (dict(plain_std=True), _sr_paths.check_noisy),
+])
+def test_the_backend_check_catches(mutant, check):
+    with pytest.raises(AssertionError):
+        check(_Mutant(**mutant), _sr_paths.SIZES[:4], _sr_paths.OFFSETS[:4], _sr_paths.IDS[:4])
