@@ -107,6 +107,7 @@ class _Call:
     sigma: float  # the sigma these params carry now (restore), or the one to add (perturb)
     rademacher: bool = False  # eps are signs (SPEC 2b), not normals
     substream: int = 0  # j of n_pert perturbations: the stream shifted by substream_offset(j)
+    stochastic: bool = False  # bf16 params without masters, rounded stochastically (SPEC 2c)
     params: list = field(default_factory=list)
     pids: list = field(default_factory=list)
     offsets: list = field(default_factory=list)
@@ -228,12 +229,19 @@ def _touchable(p: torch.Tensor) -> bool:
     """Frozen params are never touched; meta tensors hold no data to touch."""
     return p.requires_grad and p.device.type != "meta"
 
+def rounds_stochastically(group: dict[str, Any], p: torch.Tensor, master: Optional[torch.Tensor]) -> bool:
+    """SPEC 2c applies to a bf16 param without a master in a group with rounding="stochastic"."""
+    return group["rounding"] == "stochastic" and p.dtype == torch.bfloat16 and master is None
+
+
 def _shift_call(opt, calls: dict, group, p, pid, applied: tuple[float, bool], view, master,
                 substream: int = 0) -> None:
-    """Add p to the restore_/perturb_ call of its (backend, device, dtype, perturbation, master)."""
-    key = (group["backend"], p.device, p.dtype, applied, substream, master is not None)
+    """Add p to the restore_/perturb_ call of its (backend, device, dtype, perturbation, master,
+    rounding)."""
+    stochastic = rounds_stochastically(group, p, master)
+    key = (group["backend"], p.device, p.dtype, applied, substream, master is not None, stochastic)
     if key not in calls:
-        calls[key] = _Call(opt._backend(group, p), p.device, applied[0], applied[1], substream)
+        calls[key] = _Call(opt._backend(group, p), p.device, applied[0], applied[1], substream, stochastic)
     calls[key].add(view, pid, master)
 
 # Not named _init_group: Dynamo special-cases that name with torch.optim's return contract.
@@ -278,8 +286,8 @@ def _plan_group(opt, group: dict[str, Any], pids: list[int], new_state: dict) ->
             raise ValueError(f"a Tensor lr must live on the params' device ({p.device}), not {lr.device}")
         restore = (0.0, False) if master is not None else old  # a master is clean: nothing to restore
         key = (group["backend"], p.device, p.dtype, restore, master is not None, update)
-        if key not in plan.stepped:
-            plan.stepped[key] = _Call(backend, p.device, *restore)
+        if key not in plan.stepped:  # dtype and master decide the rounding within a group
+            plan.stepped[key] = _Call(backend, p.device, *restore, stochastic=rounds_stochastically(group, p, master))
         grad = _local(g)[0] if update else torch.zeros_like(view[0])
         buf = None
         if group["momentum"] != 0.0 and update:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -31,10 +32,29 @@ from . import _backends, _checkpoint, _plan
 from ._checkpoint import _check_seed
 from ._plan import _applied, _GroupPlan, _set_applied
 
-__all__ = ["FSGLD"]
+__all__ = ["FSGLD", "TemperatureWarning"]
 
 _NONFINITE = ("raise", "skip", "ignore")
 _PERTURBATIONS = ("gaussian", "rademacher")
+_ROUNDINGS = ("stochastic", "nearest")
+
+
+class TemperatureWarning(UserWarning):
+    """Part of a group's bf16 weights without masters cannot sample at the temperature 1/beta:
+    their bf16 rounding alone adds more variance than the Langevin noise (SPEC 2c). Silence it with
+    `warnings.filterwarnings("ignore", category=fsgld_fused.TemperatureWarning)`."""
+
+
+def rounding_threshold(variance: float) -> float:
+    """The smallest |theta| whose bf16 rounding variance ulp(theta)**2 / 6 exceeds the Langevin
+    `variance` 2 lr / beta (a power of two, ulp = 2**(e - 7)); 0.0 when every value's does (the ulp
+    stops shrinking at 2**-133 below 2**-126)."""
+    e = math.floor((math.log2(6.0 * variance) + 14.0) / 2.0)  # 2**(2e - 14) / 6 ~ variance
+    while 2.0 ** (2 * e - 14) / 6.0 > variance:
+        e -= 1
+    while not 2.0 ** (2 * e - 14) / 6.0 > variance:
+        e += 1
+    return 0.0 if e <= -126 else 2.0**e
 
 
 def coupled_sigma(beta: float, eta: float) -> float:
@@ -71,6 +91,8 @@ def _check_hparams(group: dict[str, Any], capturable: bool = False) -> None:
     for key in ("perturb_ahead", "master_weights", "maximize"):
         if not isinstance(group[key], bool):
             raise ValueError(f"{key} must be a bool, got {group[key]!r}")
+    if group["rounding"] not in _ROUNDINGS:
+        raise ValueError(f"rounding must be one of {_ROUNDINGS}, got {group['rounding']!r}")
     if group["perturbation"] not in _PERTURBATIONS:
         raise ValueError(f"perturbation must be one of {_PERTURBATIONS}, got {group['perturbation']!r}")
     n_pert = group["n_pert"]
@@ -135,6 +157,11 @@ class FSGLD(Optimizer):
             noise; needs nonfinite="ignore".
         perturbation: the distribution of eps: "gaussian" (the paper's analysed default) or
             "rademacher" (random signs, SPEC 2b: the same sigma^2/2 tr(H) flatness term).
+        rounding: how bf16 params without masters are written: "stochastic" (default; SPEC 2c:
+            rounded up or down at random, unbiased, with the Langevin std reduced per element to
+            leave room for the rounding's own variance, so the chain keeps its temperature) or
+            "nearest" (drops every change below half an ulp: small Langevin noise vanishes and the
+            chain freezes). fp32 params, params with masters and fp16 params are written to nearest.
         n_pert: perturbations per step (closure only): the gradient is the mean of the closure's
             gradients at theta + sigma*eps_{k,j}, j < n_pert.
         antithetic: with n_pert=2, evaluate at +eps_k and -eps_k.
@@ -170,6 +197,7 @@ class FSGLD(Optimizer):
         capturable: bool = False,
         *,
         perturbation: str = "gaussian",
+        rounding: str = "stochastic",
         n_pert: int = 1,
         antithetic: bool = False,
         maximize: bool = False,
@@ -179,8 +207,8 @@ class FSGLD(Optimizer):
     ) -> None:
         defaults = dict(lr=lr, beta=beta, sigma=sigma, eta=eta, weight_decay=weight_decay, momentum=momentum,
                         perturb_ahead=perturb_ahead, backend=backend, master_weights=master_weights,
-                        perturbation=perturbation, n_pert=n_pert, antithetic=antithetic, maximize=maximize,
-                        foreach=foreach, fused=fused, differentiable=differentiable)
+                        perturbation=perturbation, rounding=rounding, n_pert=n_pert, antithetic=antithetic,
+                        maximize=maximize, foreach=foreach, fused=fused, differentiable=differentiable)
         if not isinstance(capturable, bool):
             raise ValueError(f"capturable must be a bool, got {capturable!r}")
         self.capturable = capturable
@@ -313,7 +341,7 @@ class FSGLD(Optimizer):
             fn = call.backend.ops.perturb_ if perturb else call.backend.ops.restore_
             step, step_t = self._step_arg(call.device, ahead)
             fn(call.params, call.pids, self.seed, step, call.sigma, offsets=call.offsets, masters=call.masters,
-               step_t=step_t, rademacher=call.rademacher)
+               step_t=step_t, rademacher=call.rademacher, stochastic_rounding=call.stochastic)
             call.write_back()
 
     @staticmethod
@@ -411,12 +439,46 @@ class FSGLD(Optimizer):
                     found_inf=None if found_inf is None else found_inf.to(device=device, dtype=torch.float32),
                     step_t=step_t, lr_t=lr_t if update else None,
                     restore_rademacher=call.rademacher, perturb_rademacher=plan.new_rademacher,
+                    stochastic_rounding=call.stochastic,
                 )  # fmt: skip
                 call.write_back()
             self._run_shifts(plan.restores, 0, perturb=False)
             self._run_shifts(plan.perturbs, 1, perturb=True)
         for state, pert in applied:
             _set_applied(state, *pert)
+
+    def _check_temperature(self, plans: list[_GroupPlan]) -> None:
+        """Warn (TemperatureWarning) where a group's stochastically rounded bf16 weights cannot reach
+        the temperature: |theta| >= rounding_threshold(2 lr / beta). One pass over those weights when
+        the threshold (a power of two: a schedule's lr rarely crosses one) or the planned params and
+        dtypes change; otherwise a float comparison per group."""
+        if torch.compiler.is_compiling():
+            return
+        checked = self._cache.setdefault("temperature", {})
+        for gi, plan in enumerate(plans):
+            group = plan.group
+            lr, beta = group["lr"], group["beta"]
+            if isinstance(lr, torch.Tensor) or lr == 0.0 or beta == math.inf:  # no noise: no temperature
+                continue
+            threshold = rounding_threshold(2.0 * lr / beta)
+            last = checked.get(gi)
+            if last is not None and last[0] == threshold and last[1] is plan:
+                continue
+            weights = [t for key, call in plan.stepped.items() if call.stochastic and key[-1] for t in call.params]
+            layout = [(t.data_ptr(), t.dtype, t.numel()) for t in weights]
+            fresh = last is None or last[0] != threshold or last[2] != layout
+            checked[gi] = (threshold, plan, layout)
+            total = sum(t.numel() for t in weights)
+            if not fresh or total == 0:
+                continue
+            affected = int(sum(torch.count_nonzero(t.abs() >= threshold).cpu() for t in weights))
+            if affected:
+                warnings.warn(
+                    f"FSGLD param group {gi}: {affected / total:.1%} of its bf16 weights without masters "
+                    f"({affected} of {total} elements, |theta| >= {threshold:g}) round with more variance "
+                    f"(ulp**2/6) than the Langevin noise adds (2*lr/beta = {2.0 * lr / beta:.3g}): they cannot "
+                    "sample at the temperature 1/beta (SPEC 2c). Use master_weights=True for this group.",
+                    TemperatureWarning, stacklevel=4)  # the caller of step()
 
     def _perturbations_per_step(self) -> tuple[int, bool]:
         """(n_pert, antithetic): one closure evaluation perturbs every group, so all agree."""
@@ -488,6 +550,7 @@ class FSGLD(Optimizer):
                 raise
 
         plans, new_state, applied = self._cached_plan()
+        self._check_temperature(plans)
         # AMP: GradScaler hands us its scale and overflow flag (and has checked the grads itself).
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         if found_inf is not None and not self.capturable:

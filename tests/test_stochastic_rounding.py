@@ -186,3 +186,160 @@ def test_the_backend_check_passes_the_reference():
 def test_the_backend_check_catches(mutant, check):
     with pytest.raises(AssertionError):
         check(_Mutant(**mutant), _sr_paths.SIZES[:4], _sr_paths.OFFSETS[:4], _sr_paths.IDS[:4])
+
+
+# ---- the FSGLD option: rounding="stochastic" | "nearest" ----------------------------------------------
+import copy  # noqa: E402
+import warnings  # noqa: E402
+
+from fsgld_fused import FSGLD, TemperatureWarning  # noqa: E402
+from fsgld_fused.optimizer import rounding_threshold  # noqa: E402
+
+
+def _bf16_params(n=(300, 77), scale=1.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter((torch.randn(k, generator=gen) * scale).to(torch.bfloat16)) for k in n]
+
+
+def _grads(params, k):
+    gen = torch.Generator().manual_seed(100 + k)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+
+
+def test_rounding_is_validated_and_stochastic_by_default():
+    p = _bf16_params()
+    assert FSGLD(p, lr=0.1, beta=1.0).defaults["rounding"] == "stochastic"
+    for bad in ("up", None, True):
+        with pytest.raises(ValueError, match="rounding must be one of"):
+            FSGLD(p, lr=0.1, beta=1.0, rounding=bad)
+    opt = FSGLD(p[:1], lr=0.1, beta=1.0)
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        opt.add_param_group({"params": p[1:], "rounding": "down"})
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+def test_each_group_steps_and_perturbs_with_its_rounding(rounding):
+    """Two groups, one rounding each; FSGLD's steps, perturb() and restore() equal the reference
+    ops called with that group's flag, bit for bit (param ids follow the groups' order)."""
+    other = {"stochastic": "nearest", "nearest": "stochastic"}[rounding]
+    params = _bf16_params((300, 77, 50))
+    ref = [p.detach().clone() for p in params]
+    opt = FSGLD([{"params": params[:2], "rounding": rounding}, {"params": params[2:], "rounding": other}],
+                lr=1e-3, beta=1e5, sigma=0.01, seed=9, backend="reference")
+    flags = [rounding == "stochastic"] * 2 + [other == "stochastic"]
+    noise = math.sqrt(2 * 1e-3 / 1e5)
+    for k in range(3):
+        _grads(params, k)
+        opt.step()
+        for i, (r, p) in enumerate(zip(ref, params)):
+            rr = [r]
+            R.fused_step_(rr, [p.grad], [], [i], 9, k, 1e-3, 0.0, 0.0, noise, 0.01 if k else 0.0, 0.01,
+                          stochastic_rounding=flags[i])
+            assert torch.equal(p.detach().view(torch.int16), r.view(torch.int16)), (k, i)
+    opt.restore()  # op 2 for the stochastic group
+    for i, (r, p) in enumerate(zip(ref, params)):
+        R.restore_([r], [i], 9, 3, 0.01, stochastic_rounding=flags[i])
+        assert torch.equal(p.detach().view(torch.int16), r.view(torch.int16)), i
+    opt.perturb()  # op 1
+    for i, (r, p) in enumerate(zip(ref, params)):
+        R.perturb_([r], [i], 9, 3, 0.01, stochastic_rounding=flags[i])
+        assert torch.equal(p.detach().view(torch.int16), r.view(torch.int16)), i
+
+
+def test_rounding_leaves_fp32_and_mastered_params_alone():
+    gen = torch.Generator().manual_seed(5)
+    runs = []
+    for rounding in ("stochastic", "nearest"):
+        gen.manual_seed(5)
+        fp32 = torch.nn.Parameter(torch.randn(100, generator=gen))
+        mastered = torch.nn.Parameter(torch.randn(100, generator=gen).to(torch.bfloat16))
+        opt = FSGLD([{"params": [fp32]}, {"params": [mastered], "master_weights": True}], lr=1e-2, beta=1e3,
+                    seed=1, rounding=rounding, backend="reference")
+        for k in range(2):
+            _grads([fp32, mastered], k)
+            opt.step()
+        runs.append([fp32.detach().clone(), mastered.detach().clone(), opt.state[mastered]["master"].clone()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_rounding_threshold_is_the_first_power_of_two_past_the_langevin_variance():
+    for variance in (2.2e-5, 1e-4, 1e-9, 3e-2):
+        t = rounding_threshold(variance)
+        below, at = R.bf16_ulp(torch.tensor([t * 0.99])), R.bf16_ulp(torch.tensor([t]))
+        assert (at**2 / 6).item() > variance >= (below**2 / 6).item(), variance
+    assert rounding_threshold(1e-90) == 0.0  # every value, zeros included (ulp 2**-133)
+
+
+def _step_collecting(opt, params, k=0):
+    _grads(params, k)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    return [w for w in caught if issubclass(w.category, TemperatureWarning)]
+
+
+def test_unreachable_temperature_warns_once_per_threshold_with_the_group_and_fraction():
+    params = _bf16_params((4000,), scale=2.0)
+    clean = _bf16_params((100,))
+    opt = FSGLD([{"params": clean, "rounding": "nearest"}, {"params": params}], lr=1e-3, beta=1e3, sigma=0.0,
+                backend="reference")
+    threshold = rounding_threshold(2e-3 / 1e3)
+    expected = int((params[0].detach().abs() >= threshold).sum())
+    (w,) = _step_collecting(opt, params + clean)
+    msg = str(w.message)
+    assert "param group 1" in msg and f"{expected} of 4000" in msg and f"{expected / 4000:.1%}" in msg
+    assert "master_weights=True" in msg
+    assert not _step_collecting(opt, params + clean, 1)  # no new pass: same threshold, same weights
+    opt.param_groups[1]["lr"] = 1.1e-3  # the same power of two
+    assert not _step_collecting(opt, params + clean, 2)
+    opt.param_groups[1]["lr"] = 1e-5  # a lower threshold: checked again
+    assert len(_step_collecting(opt, params + clean, 3)) == 1
+    opt.param_groups[1]["lr"] = 10.0  # every weight is below the threshold: nothing to say
+    assert not _step_collecting(opt, params + clean, 4)
+
+
+def test_no_warning_where_the_temperature_is_reachable_or_not_asked_for():
+    for kw in (dict(rounding="nearest"), dict(master_weights=True), dict(beta=math.inf), dict(lr=0.0)):
+        params = _bf16_params((1000,), scale=4.0)
+        opt = FSGLD(params, **{"lr": 1e-3, "beta": 1e6, **kw}, backend="reference")
+        assert not _step_collecting(opt, params), kw
+    params = _bf16_params((1000,), scale=4.0)
+    opt = FSGLD(params, lr=1e-3, beta=1e6, backend="reference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", category=TemperatureWarning)  # silenceable by its category
+        _grads(params, 0)
+        opt.step()
+
+
+def test_resume_is_bit_identical_and_rounding_switches_after_load():
+    def run(opt, params, steps, first):
+        for k in range(first, first + steps):
+            _grads(params, k)
+            opt.step()
+
+    params = _bf16_params()
+    opt = FSGLD(params, lr=1e-3, beta=1e5, momentum=0.9, seed=3, backend="reference")
+    run(opt, params, 3, 0)
+    saved_params, saved = [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
+    run(opt, params, 3, 3)
+    again = [torch.nn.Parameter(p.clone()) for p in saved_params]
+    resumed = FSGLD(again, lr=1e-3, beta=1e5, momentum=0.9, backend="reference", rounding="nearest")
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["rounding"] == "stochastic"  # the checkpoint's groups win, as in torch.optim
+    run(resumed, again, 3, 3)
+    assert all(torch.equal(a.view(torch.int16), b.detach().view(torch.int16)) for a, b in zip(again, params))
+    # switched after loading: the next writes round to nearest, the chain (seed, step) goes on
+    again = [torch.nn.Parameter(p.clone()) for p in saved_params]
+    switched = FSGLD(again, lr=1e-3, beta=1e5, momentum=0.9, backend="reference")
+    switched.load_state_dict(saved)
+    switched.param_groups[0]["rounding"] = "nearest"
+    ref = [p.clone() for p in saved_params]
+    bufs = [saved["state"][i]["momentum_buffer"].clone() for i in range(len(ref))]
+    run(switched, again, 1, 3)
+    noise = math.sqrt(2 * 1e-3 / 1e5)
+    sigma = 1e5 ** (-1.1 / 4)
+    for i, r in enumerate(ref):
+        R.fused_step_([r], [again[i].grad], [bufs[i]], [i], 3, 3, 1e-3, 0.0, 0.9, noise, sigma, sigma)
+    assert all(torch.equal(a.detach().view(torch.int16), b.view(torch.int16)) for a, b in zip(again, ref))
