@@ -452,8 +452,8 @@ class FSGLD(Optimizer):
         the temperature: |theta| >= rounding_threshold(2 lr / beta). One pass over those weights when
         the threshold (a power of two: a schedule's lr rarely crosses one) or the planned params and
         dtypes change; otherwise a float comparison per group."""
-        if torch.compiler.is_compiling():
-            return
+        if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            return  # a compiled or captured step: counting would sync the host
         checked = self._cache.setdefault("temperature", {})
         for gi, plan in enumerate(plans):
             group = plan.group
