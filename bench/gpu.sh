@@ -27,7 +27,7 @@ PLAN=(
   "gpu tests|90|pytest -m gpu, 4 processes: every op against the reference, masters, AMP, CUDA graphs, Rademacher, shard offsets"
   "bench 128M fp32|60|device copy, SGD(fused=True), FSGLD cuda and triton (Gaussian, Rademacher), naive eager"
   "bench host-bound|15|100 and 1000 tensors of 16 elements: SGD fused, FSGLD cuda and triton (nonfinite ignore), FSGLD defaults"
-  "bench 128M bf16|45|the same rows with bf16 params, FSGLD with fp32 masters"
+  "bench 128M bf16|45|bf16 params: SGD fused and FSGLD cuda and triton (Gaussian), with fp32 masters and without (stochastic rounding)"
   "bench 1B fp32|45|device copy, SGD fused, FSGLD cuda and triton, naive eager at 1B params"
   "bench torch.compile|55|the naive step under torch.compile, 128M fp32 (one row: no row budget, the cap stops it)"
   "ncu|45|one fp32 step per GPU backend under Nsight Compute"
@@ -249,8 +249,8 @@ if [ $BUILT = 0 ]; then
     --variants "device copy,SGD fused,$FSGLD_ROWS,naive fSGLD (eager)"
   bench_step "bench host-bound" --one-row "${DEV[@]/transformer/host}" --sizes 1600,16000 --dtypes float32 \
     --variants "SGD fused,$FSGLD_GAUSS,FSGLD auto (defaults)"
-  bench_step "bench 128M bf16" "${DEV[@]}" --sizes $SIZE --dtypes bfloat16 \
-    --variants "device copy,SGD fused,$FSGLD_ROWS,naive fSGLD (eager)"
+  bench_step "bench 128M bf16" "${DEV[@]}" --sizes $SIZE --dtypes bfloat16,bfloat16-sr \
+    --variants "device copy,SGD fused,$FSGLD_GAUSS"
   bench_step "bench 1B fp32" "${DEV[@]}" --sizes $BIG --dtypes float32 \
     --variants "device copy,SGD fused,$FSGLD_GAUSS,naive fSGLD (eager)"
   if [ $DRY = 1 ]; then

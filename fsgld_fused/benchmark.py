@@ -84,7 +84,9 @@ VARIANT_ORDER = (
 )
 # Seconds of budget a row must still have to start (torch.compile's first call compiles).
 _ROW_RESERVE_S = {"naive fSGLD (torch.compile)": 90.0}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# bfloat16: FSGLD with fp32 master weights (12 B/param); bfloat16-sr: without masters, rounded
+# stochastically (SPEC 2c, the default rounding; 6 B/param)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bfloat16-sr": torch.bfloat16}
 
 
 # ---- parameter lists ------------------------------------------------------------------------------
@@ -318,7 +320,7 @@ def run(args: argparse.Namespace) -> dict:
     layouts = ["transformer", "flat"] if args.layout == "both" else [args.layout]
     for dtype_name in dtypes:
         dtype = DTYPES[dtype_name]
-        master = dtype != torch.float32  # low precision: FSGLD with fp32 master weights
+        master = dtype_name == "bfloat16"  # FSGLD with fp32 master weights
         for layout in layouts:
             for total in sizes:
                 try:
@@ -459,7 +461,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="~100 transformer-shaped tensors, one flat tensor, both, or host: tensors of 16 "
                         "elements (size / 16 of them), where only the host cost of a step shows")
     p.add_argument("--dtypes", default="float32",
-                   help="comma-separated: float32, bfloat16 (bf16 params; FSGLD with fp32 master weights)")
+                   help="comma-separated: float32, bfloat16 (bf16 params; FSGLD with fp32 master weights), "
+                        "bfloat16-sr (bf16 params; FSGLD without masters, rounded stochastically)")
     p.add_argument("--repeat", type=_cli.positive_int,
                    help="timed steps per variant, after 2 warm-ups (default: 7; 3 with --quick)")
     p.add_argument("--include", help="extra variants, comma-separated: compile, reference; '' or none for none "
@@ -494,12 +497,12 @@ def main(args: argparse.Namespace) -> int:
 def print_table(result: dict, variants: Optional[set[str]] = None) -> None:
     """One line per measured row (of `variants`, if given): time, GB/s, copy fraction, x SGD fused."""
     print(f"\n{result['device']}, torch {result['versions']['torch']}, commit {result['commit'][:12]}")
-    print(f"{'dtype':8s} {'layout':11s} {'params':>13s} {'variant':28s} {'median ms':>10s} {'IQR ms':>8s} "
+    print(f"{'dtype':11s} {'layout':11s} {'params':>13s} {'variant':28s} {'median ms':>10s} {'IQR ms':>8s} "
           f"{'B/param':>7s} {'GB/s':>7s} {'of copy':>7s} {'x SGD fused':>11s}")
     for r in result["runs"]:
         if "median_s" not in r or (variants is not None and r["variant"] not in variants):
             continue
-        print(f"{r['dtype']:8s} {r['layout']:11s} {r['params']:13,d} {r['variant']:28s} {r['median_s'] * 1e3:10.3f} "
+        print(f"{r['dtype']:11s} {r['layout']:11s} {r['params']:13,d} {r['variant']:28s} {r['median_s'] * 1e3:10.3f} "
               f"{r['iqr_s'] * 1e3:8.3f} {r['bytes_per_param']:7g} {r['achieved_GBps']:7.1f} "
               f"{r.get('copy_fraction', float('nan')):7.2f} {r.get('x_sgd_fused', float('nan')):11.2f}"
               f"{'~' if r.get('x_sgd_fused_unresolved') else ''}")

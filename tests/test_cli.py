@@ -204,6 +204,20 @@ def test_bench_refuses_an_unknown_include(capsys):
     assert "--include compiel: choose from compile, reference" in _error(capsys, TINY_BENCH[:-1] + ["compiel"])
 
 
+def test_bench_bf16_rows_with_and_without_masters(tmp_path):
+    """bfloat16: FSGLD with fp32 masters (12 B/param); bfloat16-sr: without, rounded stochastically
+    (6 B/param, as SGD's bf16 step)."""
+    import json
+
+    out = tmp_path / "bench.json"
+    cli.main(TINY_BENCH + ["--dtypes", "bfloat16,bfloat16-sr", "--variants", "SGD fused,FSGLD cpu", "--out", str(out)])
+    rows = {(r["dtype"], r["variant"]): r for r in json.loads(out.read_text())["runs"]}
+    assert rows[("bfloat16", "FSGLD cpu")]["master_weights"] and rows[("bfloat16", "FSGLD cpu")]["bytes_per_param"] == 12
+    sr = rows[("bfloat16-sr", "FSGLD cpu")]
+    assert not sr["master_weights"] and sr["bytes_per_param"] == 6 == rows[("bfloat16-sr", "SGD fused")]["bytes_per_param"]
+    assert all("median_s" in r for r in rows.values()), rows
+
+
 def test_gpu_report_writes_under_the_same_rule(tmp_path):
     import subprocess
     import sys
