@@ -343,3 +343,120 @@ def test_resume_is_bit_identical_and_rounding_switches_after_load():
     for i, r in enumerate(ref):
         R.fused_step_([r], [again[i].grad], [bufs[i]], [i], 3, 3, 1e-3, 0.0, 0.9, noise, sigma, sigma)
     assert all(torch.equal(a.detach().view(torch.int16), b.view(torch.int16)) for a, b in zip(again, ref))
+
+
+def test_the_optimizer_holds_no_tensor_beyond_the_momentum_buffer():
+    """Issue 26's memory rule for bf16 without masters: with momentum, one bf16 buffer per param and
+    no other tensor; without, no tensor at all (the rounding bits are drawn, never stored)."""
+    for momentum in (0.9, 0.0):
+        params = _bf16_params()
+        opt = FSGLD(params, lr=1e-3, beta=1e5, momentum=momentum, backend="reference")
+
+        def step(k):
+            _grads(params, k)
+            opt.step()
+
+        # checked after each: a buffer made by the constructor and converted by the first step counts
+        for k, action in enumerate((lambda: None, lambda: step(0), lambda: step(1), opt.restore, opt.perturb)):
+            action()
+            for p in params:
+                tensors = {key: v for key, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
+                if momentum:
+                    assert list(tensors) == ["momentum_buffer"], (k, tensors.keys())
+                    buf = tensors["momentum_buffer"]
+                    assert buf.dtype == torch.bfloat16 and buf.shape == p.shape, (k, buf)
+                else:
+                    assert not tensors, (k, tensors.keys())
+
+
+def _checkpoint(master_weights, steps=3):
+    params = _bf16_params()
+    opt = FSGLD(params, lr=1e-3, beta=1e5, momentum=0.9, seed=3, master_weights=master_weights, backend="reference")
+    for k in range(steps):
+        _grads(params, k)
+        opt.step()
+    return [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict()), params, opt
+
+
+def test_a_checkpoint_without_masters_gains_them_after_restore():
+    """none -> masters: master_weights is the checkpoint's (False) after loading; set to True, the
+    next step refuses perturbed weights; after restore() it makes each master from the clean bf16
+    weights and converts the momentum buffer to fp32, the chain (seed, step) unchanged."""
+    saved_params, saved, _, _ = _checkpoint(False)
+    params = [torch.nn.Parameter(p.clone()) for p in saved_params]
+    opt = FSGLD(params, lr=1e-3, beta=1e5, momentum=0.9, master_weights=True, backend="reference")
+    opt.load_state_dict(saved)
+    assert not opt.param_groups[0]["master_weights"]  # the checkpoint's groups win
+    opt.param_groups[0]["master_weights"] = True
+    _grads(params, 3)
+    with pytest.raises(RuntimeError, match="call restore"):
+        opt.step()
+    opt.restore()
+    opt.step()
+    sigma, noise = 1e5 ** (-1.1 / 4), math.sqrt(2 * 1e-3 / 1e5)
+    for i, (r, p) in enumerate(zip(saved_params, params)):
+        R.restore_([r], [i], 3, 3, sigma, stochastic_rounding=True)
+        master, buf = r.float(), saved["state"][i]["momentum_buffer"].float()
+        R.fused_step_([r], [p.grad], [buf], [i], 3, 3, 1e-3, 0.0, 0.9, noise, 0.0, sigma, masters=[master])
+        state = opt.state[p]
+        assert state["master"].dtype == torch.float32 and state["momentum_buffer"].dtype == torch.float32
+        assert torch.equal(state["master"], master) and torch.equal(state["momentum_buffer"], buf), i
+        assert torch.equal(p.detach().view(torch.int16), r.view(torch.int16)), i
+
+
+def test_a_checkpoint_with_masters_keeps_them_until_deleted():
+    """masters -> none: master_weights=False does not drop a master that exists (_plan._new_state):
+    the param goes on from its master exactly as before. Deleting state["master"] after restore()
+    does: the param goes on from its clean bf16 value, rounded as its group says, and the fp32
+    momentum buffer is converted to bf16."""
+    saved_params, saved, originals, original = _checkpoint(True)
+    params = [torch.nn.Parameter(p.clone()) for p in saved_params]
+    opt = FSGLD(params, lr=1e-3, beta=1e5, momentum=0.9, backend="reference")
+    opt.load_state_dict(saved)
+    opt.param_groups[0]["master_weights"] = False
+    for k in (3, 4):
+        _grads(params, k), _grads(originals, k)
+        opt.step(), original.step()
+    for p, q in zip(params, originals):  # still mastered, bit for bit the uninterrupted run
+        assert torch.equal(opt.state[p]["master"], original.state[q]["master"])
+        assert torch.equal(p.detach().view(torch.int16), q.detach().view(torch.int16))
+    opt.restore()
+    clean = [p.detach().clone() for p in params]
+    bufs = [opt.state[p]["momentum_buffer"].to(torch.bfloat16) for p in params]
+    for p in params:
+        del opt.state[p]["master"]
+    _grads(params, 5)
+    opt.step()
+    sigma, noise = 1e5 ** (-1.1 / 4), math.sqrt(2 * 1e-3 / 1e5)
+    for i, (r, p) in enumerate(zip(clean, params)):
+        R.fused_step_([r], [p.grad], [bufs[i]], [i], 3, 5, 1e-3, 0.0, 0.9, noise, 0.0, sigma, stochastic_rounding=True)
+        assert "master" not in opt.state[p] and opt.state[p]["momentum_buffer"].dtype == torch.bfloat16
+        assert torch.equal(opt.state[p]["momentum_buffer"], bufs[i]), i
+        assert torch.equal(p.detach().view(torch.int16), r.view(torch.int16)), i
+
+
+# ---- README.md's blocks on rounding and checkpoints ---------------------------------------------------
+from _readme import readme_snippet  # noqa: E402
+
+
+def test_readme_rounding_blocks():
+    ns = {"torch": torch, "FSGLD": FSGLD, "model": torch.nn.Linear(4, 3)}
+    exec(readme_snippet("rounding"), ns)
+    assert ns["model"].weight.dtype == torch.bfloat16 and ns["opt"].param_groups[0]["rounding"] == "stochastic"
+    assert not ns["opt"].param_groups[0]["master_weights"]
+
+    def with_opt(master_weights):
+        saved_params, saved, _, _ = _checkpoint(master_weights)
+        params = [torch.nn.Parameter(p.clone()) for p in saved_params]
+        return params, FSGLD(params, lr=1e-3, beta=1e5, momentum=0.9, backend="reference"), saved
+
+    params, opt, saved = with_opt(False)
+    exec(readme_snippet("rounding-checkpoint"), {"opt": opt, "checkpoint": {"optimizer": saved}})
+    assert opt.param_groups[0]["rounding"] == "nearest" and opt.step_count == 3
+    params, opt, saved = with_opt(True)
+    opt.load_state_dict(saved)
+    exec(readme_snippet("drop-masters"), {"opt": opt})
+    _grads(params, 3)
+    opt.step()
+    assert all(set(opt.state[p]) & {"master"} == set() for p in params)
+    assert all(opt.state[p]["momentum_buffer"].dtype == torch.bfloat16 for p in params)
