@@ -234,8 +234,10 @@ enum RoundingOp : uint32_t { kRoundStep = 0, kRoundPerturb = 1, kRoundRestore = 
 // The four Philox words of rounding block `rblock` (elements 8 rblock .. 8 rblock + 7) for `op`:
 // the Langevin stream `st_xi` with sub-stream 0xffff - op in bits 16..31 of counter word 1, which
 // no other draw uses. Element e of the block takes bits 16 (e % 2) .. +15 of word e / 2.
+FSGLD_HD uint32_t rounding_substream(uint32_t op) { return (0xFFFFu - op) << 16; }  // or-ed into word 1
+
 FSGLD_HD void rounding_words(const Stream& st_xi, uint32_t op, uint64_t rblock, uint32_t w[4]) {
-  w[0] = (uint32_t)rblock, w[1] = (uint32_t)(rblock >> 32) | ((0xFFFFu - op) << 16), w[2] = st_xi.step;
+  w[0] = (uint32_t)rblock, w[1] = (uint32_t)(rblock >> 32) | rounding_substream(op), w[2] = st_xi.step;
   w[3] = st_xi.tag;
   philox4x32_10(w[0], w[1], w[2], w[3], st_xi.k0, st_xi.k1);
 }
