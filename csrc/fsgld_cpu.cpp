@@ -589,6 +589,8 @@ __attribute__((always_inline)) inline void step_chunk(S* __restrict p, const S* 
   B unused{};
   for (int64_t i = 0; i < n; ++i) {
     T theta = kMaster ? T(master[i]) : T(p[i]) - c.restore_sigma * T(eps_k[i]);
+    // Its arithmetic here beat a 256-entry table by theta's exponent, a gather (one thread, perf
+    // samples of this loop per sample of the normal fills: 0.244 computed, 0.367 looked up).
     if constexpr (kStochastic) c.noise_std = compensated_noise_std(theta, coeffs.noise_std);
     theta = sgld_update<T, B>(theta, T(g[i]), kMomentum ? buf + i : &unused, T(xi[i]), c);
     if (kMaster) master[i] = float(theta);
