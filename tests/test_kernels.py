@@ -154,7 +154,7 @@ def test_every_path_with_offsets_masters_weight_decay_momentum_scale(backend, ca
     _op_paths.check_case(ops(backend, dtype), dtype, master, n_tensors)
 
 
-_SR_NOT_YET = {"cpu", "triton"}  # issue 26: backends whose kernels refuse stochastic rounding so far
+_SR_NOT_YET = {"triton"}  # issue 26: backends whose kernels refuse stochastic rounding so far
 
 
 @pytest.mark.parametrize("backend", [
@@ -198,17 +198,21 @@ def test_mixed_dtypes_in_one_optimizer(backend):
 
 @pytest.mark.skipif("cpu" not in KERNEL_BACKENDS, reason="C++ extension not built")
 @pytest.mark.parametrize("threads", [1, 2, 3, 5])
-def test_cpu_kernel_is_independent_of_the_thread_count(threads):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16-stochastic"])
+def test_cpu_kernel_is_independent_of_the_thread_count(threads, dtype):
     sizes = [0, 1, 5, (1 << 17) + 3, 40_000]
-    params, grads = make(sizes, torch.float32), make(sizes, torch.float32)
+    params, grads = make(sizes, dtype), make(sizes, dtype)
     expected = [p.clone() for p in params]
     args = (list(range(len(sizes))), 42, 7, 1e-2, 1e-3, 0.0, 1e-2, 0.03, 0.03)
+    sr = dict(offsets=[0, 3, 8, 2**35 + 5, 1], stochastic_rounding=dtype == torch.bfloat16)
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        ops("cpu").fused_step_(expected, grads, [], *args)
+        ops("cpu", dtype).fused_step_(expected, grads, [], *args, **sr)
+        ops("cpu", dtype).perturb_(expected, args[0], 42, 8, 0.03, **sr)
         torch.set_num_threads(threads)
-        ops("cpu").fused_step_(params, grads, [], *args)
+        ops("cpu", dtype).fused_step_(params, grads, [], *args, **sr)
+        ops("cpu", dtype).perturb_(params, args[0], 42, 8, 0.03, **sr)
     finally:
         torch.set_num_threads(old)
     assert all(torch.equal(a, b) for a, b in zip(params, expected))
@@ -238,6 +242,7 @@ sys.path.insert(0, TESTS_DIR)
 import _op_paths
 import _sr_paths
 _op_paths.check_all(ext)  # Gaussian: every op, shard offsets, masters, momentum, grad scales
+_sr_paths.check_all(ext)  # SPEC 2c: bf16 rounded stochastically, every op
 import test_rademacher as TR  # Rademacher: every op bit for bit, boundaries and sub-streams
 for case in TR.CASES:
     for substream in (0, 3):
