@@ -193,6 +193,43 @@ def _round_to(x, DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
         return x.to(DTYPE)
 
 
+# ---- SPEC 2c: stochastic rounding of bf16 params without masters -------------------------------
+@triton.jit
+def _rounding_bits(seed, blk, step, tag, op):
+    """[BLOCK, 4] 16 random bits (uint32) per element of Philox blocks blk (int64 [BLOCK]): one Philox
+    call per rounding block of 8 elements (blk // 2), sub-stream 0xffff - op in bits 16..31 of
+    counter word 1; element 4 blk + lane takes half lane % 2 of word 2 (blk % 2) + lane // 2."""
+    sub = (0xFFFF - tl.to_tensor(op)).to(tl.int64) << 48  # word 1 = (rblk >> 32) | sub >> 32: rblk < 2**48
+    w0, w1, w2, w3 = _stream_words(seed, (blk >> 1) | sub, step, tag)
+    odd = (blk & 1) != 0
+    wa = tl.where(odd, w2, w0)
+    wb = tl.where(odd, w3, w1)
+    return tl.reshape(tl.join(tl.join(wa & 0xFFFF, wb & 0xFFFF), tl.join(wa >> 16, wb >> 16)), (blk.shape[0], 4))
+
+
+@triton.jit
+def _round_bf16_stochastic(x, r, SOFT_BF16: tl.constexpr):
+    """float32 -> bf16 rounded up or down at random (SPEC 2c, fsgld_math.h bf16_bits_stochastic): the
+    16 bits r added below bf16's last bit, then truncated; a non-finite x, or a finite x that would
+    become infinite, rounds to nearest. The truncated sum is a bf16 value, so one conversion to
+    nearest writes either (and a NaN as the nearest store does)."""
+    u = x.to(tl.uint32, bitcast=True)
+    # |x| + r reaches the all-ones exponent iff x is not finite or its rounded magnitude would be
+    nearest = ((u & 0x7FFFFFFF) + r) >= 0x7F800000
+    y = tl.where(nearest, x, ((u + r) & 0xFFFF0000).to(tl.float32, bitcast=True))
+    return _round_to(y, tl.bfloat16, SOFT_BF16)
+
+
+@triton.jit
+def _compensated_noise_std(theta, noise_std):
+    """sqrt(max(0, noise_std**2 - ulp(theta)**2 / 6)) per element, rounded as the reference's
+    compensated_noise_std: ulp = 2**(e - 7) is theta's exponent bits times 2**-7 (exact; a zero
+    exponent gives 0 where the reference has 2**-133, whose square is 0 in float32 either way)."""
+    ulp = (theta.to(tl.uint32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True) * 0.0078125
+    v = noise_std * noise_std - ulp * ulp * 0.1666666716337204  # float32(1 / 6)
+    return tl.sqrt_rn(tl.maximum(v, 0.0))
+
+
 @triton.jit
 def _load_clean(p_ptr, master_addr, t, idx, mask, HAS_MASTER: tl.constexpr):
     """The unperturbed weight in float32: the fp32 master if there is one, else the param."""
@@ -236,7 +273,7 @@ def _fused_step_kernel(
     HAS_STEP_T: tl.constexpr, HAS_LR_T: tl.constexpr,
     HAS_MASTER: tl.constexpr, HAS_MOMENTUM: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     RESTORE: tl.constexpr, NOISE: tl.constexpr, AHEAD: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
-    RESTORE_SIGNS: tl.constexpr, AHEAD_SIGNS: tl.constexpr, BLOCK: tl.constexpr,
+    RESTORE_SIGNS: tl.constexpr, AHEAD_SIGNS: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     if HAS_FOUND_INF:
         if tl.load(found_inf_ptr) != 0.0:
@@ -262,13 +299,19 @@ def _fused_step_kernel(
     e_k = tl.zeros(idx.shape, tl.float32)
     xi = tl.zeros(idx.shape, tl.float32)
     e_n = tl.zeros(idx.shape, tl.float32)
+    rbits = tl.zeros(idx.shape, tl.uint32)
     if RESTORE:  # only without masters: the master is never perturbed
         if RESTORE_SIGNS:
             e_k = _sigma_signs(restore_sigma, seed, blk0, step, pid * 2, BLOCK)
         else:
             e_k = _normals(seed, blk, step, pid * 2, restore_sigma)
     if NOISE:
-        xi = _normals(seed, blk, step, pid * 2 + 1, noise_std)  # noise_std * xi
+        if STOCHASTIC:  # unit normals: the std is per element (SPEC 2c)
+            xi = _normals(seed, blk, step, pid * 2 + 1, 1.0)
+        else:
+            xi = _normals(seed, blk, step, pid * 2 + 1, noise_std)  # noise_std * xi
+    if STOCHASTIC:
+        rbits = _rounding_bits(seed, blk, step, pid * 2 + 1, 0)
     if AHEAD:
         if AHEAD_SIGNS:
             e_n = _sigma_signs(perturb_sigma, seed, blk0, step + 1, pid * 2, BLOCK)
@@ -296,15 +339,15 @@ def _fused_step_kernel(
         loc = rows[:, None] * 4 + tl.arange(0, 4)[None, :]
         _step_elements(_aligned(p_addr, first, loc, P_DTYPE), _aligned(g_addr, first, loc, P_DTYPE),
                        _aligned(b_addr, first, loc, B_DTYPE), _aligned(m_addr, first, loc, tl.float32), 0, loc,
-                       e_k, xi, e_n, lr, weight_decay, momentum, noise_std, restore_sigma, perturb_sigma, inv_scale,
-                       P_DTYPE, B_DTYPE, P_SOFT, B_SOFT, HAS_MASTER, HAS_MOMENTUM, HAS_SCALE, RESTORE, NOISE, AHEAD,
-                       WEIGHT_DECAY, RESTORE_SIGNS, AHEAD_SIGNS, False)
+                       e_k, xi, e_n, rbits, lr, weight_decay, momentum, noise_std, restore_sigma, perturb_sigma,
+                       inv_scale, P_DTYPE, B_DTYPE, P_SOFT, B_SOFT, HAS_MASTER, HAS_MOMENTUM, HAS_SCALE, RESTORE,
+                       NOISE, AHEAD, WEIGHT_DECAY, RESTORE_SIGNS, AHEAD_SIGNS, STOCHASTIC, False)
     else:
         _step_elements(p_addr.to(tl.pointer_type(P_DTYPE)), g_addr.to(tl.pointer_type(P_DTYPE)),
                        b_addr.to(tl.pointer_type(B_DTYPE)), m_addr.to(tl.pointer_type(tl.float32)), idx, mask,
-                       e_k, xi, e_n, lr, weight_decay, momentum, noise_std, restore_sigma, perturb_sigma, inv_scale,
-                       P_DTYPE, B_DTYPE, P_SOFT, B_SOFT, HAS_MASTER, HAS_MOMENTUM, HAS_SCALE, RESTORE, NOISE, AHEAD,
-                       WEIGHT_DECAY, RESTORE_SIGNS, AHEAD_SIGNS, True)
+                       e_k, xi, e_n, rbits, lr, weight_decay, momentum, noise_std, restore_sigma, perturb_sigma,
+                       inv_scale, P_DTYPE, B_DTYPE, P_SOFT, B_SOFT, HAS_MASTER, HAS_MOMENTUM, HAS_SCALE, RESTORE,
+                       NOISE, AHEAD, WEIGHT_DECAY, RESTORE_SIGNS, AHEAD_SIGNS, STOCHASTIC, True)
 
 
 @triton.jit
@@ -318,12 +361,12 @@ def _aligned(addr, first, loc, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _step_elements(p_ptr, g_ptr, b_ptr, m_ptr, idx, mask, e_k, xi, e_n, lr, weight_decay, momentum, noise_std,
-                   restore_sigma, perturb_sigma, inv_scale, P_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr,
+def _step_elements(p_ptr, g_ptr, b_ptr, m_ptr, idx, mask, e_k, xi, e_n, rbits, lr, weight_decay, momentum,
+                   noise_std, restore_sigma, perturb_sigma, inv_scale, P_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr,
                    P_SOFT: tl.constexpr, B_SOFT: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
                    HAS_SCALE: tl.constexpr, RESTORE: tl.constexpr, NOISE: tl.constexpr, AHEAD: tl.constexpr,
                    WEIGHT_DECAY: tl.constexpr, RESTORE_SIGNS: tl.constexpr, AHEAD_SIGNS: tl.constexpr,
-                   MASKED: tl.constexpr):
+                   STOCHASTIC: tl.constexpr, MASKED: tl.constexpr):
     """SPEC section 3 on the elements idx of one program (masked at the tensor's edges)."""
     if HAS_MASTER:
         theta = _load(m_ptr + idx, mask, MASKED)
@@ -331,6 +374,8 @@ def _step_elements(p_ptr, g_ptr, b_ptr, m_ptr, idx, mask, e_k, xi, e_n, lr, weig
         theta = _load(p_ptr + idx, mask, MASKED).to(tl.float32)
     if RESTORE:
         theta = theta - e_k  # sigma_k * eps_k, as drawn
+    if STOCHASTIC and NOISE:  # the std from the clean theta; xi was drawn unit
+        xi = _compensated_noise_std(theta, noise_std) * xi
     d = _load(g_ptr + idx, mask, MASKED).to(tl.float32)
     if HAS_SCALE:
         d = d * inv_scale
@@ -347,7 +392,10 @@ def _step_elements(p_ptr, g_ptr, b_ptr, m_ptr, idx, mask, e_k, xi, e_n, lr, weig
         _store(m_ptr + idx, theta, mask, MASKED)
     if AHEAD:
         theta = theta + e_n
-    _store(p_ptr + idx, _round_to(theta, P_DTYPE, P_SOFT), mask, MASKED)
+    if STOCHASTIC:
+        _store(p_ptr + idx, _round_bf16_stochastic(theta, rbits, P_SOFT), mask, MASKED)
+    else:
+        _store(p_ptr + idx, _round_to(theta, P_DTYPE, P_SOFT), mask, MASKED)
 
 
 @triton.jit
@@ -366,11 +414,11 @@ def _store(ptr, x, mask, MASKED: tl.constexpr):
         tl.store(ptr, x)
 
 
-@triton.jit(do_not_specialize=["seed", "step"])
+@triton.jit(do_not_specialize=["seed", "step", "rounding_op"])
 def _perturb_kernel(
     chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr, param_addr, master_addr,
-    seed, step, sigma, step_ptr, P_DTYPE: tl.constexpr, P_SOFT: tl.constexpr, HAS_MASTER: tl.constexpr,
-    HAS_STEP_T: tl.constexpr, SIGNS: tl.constexpr, BLOCK: tl.constexpr,
+    seed, step, sigma, step_ptr, rounding_op, P_DTYPE: tl.constexpr, P_SOFT: tl.constexpr, HAS_MASTER: tl.constexpr,
+    HAS_STEP_T: tl.constexpr, SIGNS: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     if HAS_STEP_T:
         step = tl.load(step_ptr)
@@ -383,7 +431,11 @@ def _perturb_kernel(
         pert = _normals(seed, blk, step, pid * 2, sigma)
     p_ptr = tl.load(param_addr + t).to(tl.pointer_type(P_DTYPE))
     clean = _load_clean(p_ptr, master_addr, t, idx, mask, HAS_MASTER)
-    tl.store(p_ptr + idx, _round_to(clean + pert, P_DTYPE, P_SOFT), mask=mask)
+    if STOCHASTIC:  # rounding_op: 1 perturb_, 2 restore_ (SPEC 2c)
+        out = _round_bf16_stochastic(clean + pert, _rounding_bits(seed, blk, step, pid * 2 + 1, rounding_op), P_SOFT)
+    else:
+        out = _round_to(clean + pert, P_DTYPE, P_SOFT)
+    tl.store(p_ptr + idx, out, mask=mask)
 
 
 @triton.jit(do_not_specialize=["n", "off", "seed", "step", "tag"])
@@ -595,7 +647,7 @@ def _check(params, param_ids, offsets, *lists):
 
 def _launch_step(params, grads, bufs, masters, param_ids, offsets, seed, step, lr, weight_decay, momentum,
                  noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, block, warps, step_t=None, lr_t=None,
-                 restore_rademacher=False, perturb_rademacher=False):
+                 restore_rademacher=False, perturb_rademacher=False, stochastic=False):
     restore, ahead = restore_sigma != 0.0 and not masters, perturb_sigma != 0.0
     restore_signs, ahead_signs = restore and bool(restore_rademacher), ahead and bool(perturb_rademacher)
     n_chunks, *tab, _ = _table(params, grads, bufs, masters, param_ids, offsets, block, restore_signs or ahead_signs)
@@ -615,7 +667,7 @@ def _launch_step(params, grads, bufs, masters, param_ids, offsets, seed, step, l
         HAS_MASTER=bool(masters), HAS_MOMENTUM=momentum != 0.0, HAS_SCALE=grad_scale is not None,
         HAS_FOUND_INF=found_inf is not None, RESTORE=restore, NOISE=noise_std != 0.0, AHEAD=ahead,
         WEIGHT_DECAY=weight_decay != 0.0, RESTORE_SIGNS=restore_signs, AHEAD_SIGNS=ahead_signs,
-        BLOCK=block, num_warps=warps, enable_fp_fusion=False,
+        STOCHASTIC=stochastic, BLOCK=block, num_warps=warps, enable_fp_fusion=False,
     )  # fmt: skip
 
 
@@ -624,6 +676,11 @@ def _launch_step(params, grads, bufs, masters, param_ids, offsets, seed, step, l
 # FakeTensors): as torch.library custom ops they are single nodes in a compiled graph, like the C++
 # ops. `seed` crosses the schema as the int64 with the 64-bit seed's bits.
 _U64 = (1 << 64) - 1
+
+
+def _rounds_stochastically(params, masters, asked: bool) -> bool:
+    """SPEC 2c applies to bf16 params without masters; elsewhere the flag is ignored."""
+    return bool(asked) and params[0].dtype == torch.bfloat16 and not masters
 
 
 @torch.library.custom_op("fsgld_triton::perturb_", mutates_args=("params",))
@@ -635,8 +692,7 @@ def _perturb_op(params: list[torch.Tensor], masters: list[torch.Tensor], param_i
 
 
 def _launch_perturb(params, masters, param_ids, offsets, seed, step, sigma, step_t, rademacher=False, rounding_op=-1):
-    if rounding_op >= 0 and params[0].dtype == torch.bfloat16 and not masters:
-        raise NotImplementedError("fsgld triton: stochastic rounding is not implemented in the Triton kernels yet")
+    stochastic = _rounds_stochastically(params, masters, rounding_op >= 0)
     block, warps = _tuned_block(params[0].device, params[0].dtype, sum(p.numel() for p in params))
     n_chunks, chunk_t, chunk_i, numel, offs, pids, p_addr, _, _, m_addr, _ = _table(
         params, [], [], masters, param_ids, offsets, block, rademacher
@@ -644,9 +700,10 @@ def _launch_perturb(params, masters, param_ids, offsets, seed, step, sigma, step
     if n_chunks:
         _perturb_kernel[(n_chunks,)](chunk_t, chunk_i, numel, offs, pids, p_addr, m_addr, seed & _U64, step,
                                      float(sigma), step_t if step_t is not None else chunk_t,
+                                     rounding_op if stochastic else 0,
                                      P_DTYPE=_TL_DTYPE[params[0].dtype], P_SOFT=_soft_bf16(params[0].dtype),
                                      HAS_MASTER=bool(masters), HAS_STEP_T=step_t is not None, SIGNS=rademacher,
-                                     BLOCK=block,
+                                     STOCHASTIC=stochastic, BLOCK=block,
                                      num_warps=warps, enable_fp_fusion=False)
 
 
@@ -657,13 +714,12 @@ def _fused_step_op(params: list[torch.Tensor], grads: list[torch.Tensor], moment
                    perturb_sigma: float, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
                    step_t: Optional[torch.Tensor], lr_t: Optional[torch.Tensor], restore_rademacher: bool,
                    perturb_rademacher: bool, stochastic_rounding: bool) -> None:
-    if stochastic_rounding and params[0].dtype == torch.bfloat16 and not masters:
-        raise NotImplementedError("fsgld triton: stochastic rounding is not implemented in the Triton kernels yet")
     with _on_device(params[0].device):
         block, warps = _tuned_block(params[0].device, params[0].dtype, sum(p.numel() for p in params))
         _launch_step(params, grads, momentum_buffers, masters, param_ids, offsets, seed & _U64, step, lr,
                      weight_decay, momentum, noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, block,
-                     warps, step_t, lr_t, restore_rademacher, perturb_rademacher)
+                     warps, step_t, lr_t, restore_rademacher, perturb_rademacher,
+                     _rounds_stochastically(params, masters, stochastic_rounding))
 
 
 @_perturb_op.register_fake

@@ -154,7 +154,7 @@ def test_every_path_with_offsets_masters_weight_decay_momentum_scale(backend, ca
     _op_paths.check_case(ops(backend, dtype), dtype, master, n_tensors)
 
 
-_SR_NOT_YET = {"cpu", "triton"}  # issue 26: backends whose kernels refuse stochastic rounding so far
+_SR_NOT_YET = {"cpu"}  # issue 26: backends whose kernels refuse stochastic rounding so far
 
 
 @pytest.mark.parametrize("backend", [
