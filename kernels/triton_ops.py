@@ -100,8 +100,9 @@ def _sincos_2pi_u(w):
 
 @triton.jit
 def _sqrt_box_muller(x):
-    """sqrt(x), correctly rounded, for x in [1.1e-7, 33.3]: the fast path of the IEEE sqrt (rsqrt,
-    one Newton correction) without its branch for special inputs, as in fsgld_math.h."""
+    """sqrt(x), correctly rounded, for x in [1.1e-7, 33.3] (and by scaling any normal x): the fast
+    path of the IEEE sqrt (rsqrt, one Newton correction) without its branch for special inputs, as
+    in fsgld_math.h."""
     y = tl.rsqrt(x)
     s = x * y
     return tl.fma(tl.fma(-s, s, x), y * 0.5, s)
@@ -227,7 +228,9 @@ def _compensated_noise_std(theta, noise_std):
     exponent gives 0 where the reference has 2**-133, whose square is 0 in float32 either way)."""
     ulp = (theta.to(tl.uint32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True) * 0.0078125
     v = noise_std * noise_std - ulp * ulp * 0.1666666716337204  # float32(1 / 6)
-    return tl.sqrt_rn(tl.maximum(v, 0.0))
+    # sqrt's fast path (correctly rounded for normal v; tl.sqrt_rn's slow-path CALL sits on a
+    # lane-divergent branch); a v below the normals (std < 2**-63) gives 0
+    return tl.where(v >= 1.1754943508222875e-38, _sqrt_box_muller(v), 0.0)
 
 
 @triton.jit
