@@ -156,11 +156,23 @@ def _sign_rows(BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _program_rows(BLOCK: tl.constexpr, SIGNS: tl.constexpr):
+def _pair_rows(BLOCK: tl.constexpr):
+    """The row that each tensor row holds when the param is rounded stochastically (SPEC 2c, one
+    Philox per 8 elements) without signs: tensor rows j and j + BLOCK/2 hold rows 2j and 2j + 1,
+    one rounding block, and Triton's blocked layout gives both to one thread (its rows are a
+    thread stride apart, which divides BLOCK/2), so a thread draws each rounding block once."""
+    r = tl.arange(0, BLOCK)
+    return 2 * (r % (BLOCK // 2)) + r // (BLOCK // 2)
+
+
+@triton.jit
+def _program_rows(BLOCK: tl.constexpr, SIGNS: tl.constexpr, PAIRS: tl.constexpr):
     """The row (Philox block) of each tensor row, from the program's first: in order, or with a
-    sign perturbation in the order of _sign_rows."""
+    sign perturbation in the order of _sign_rows, or stochastically rounded in that of _pair_rows."""
     if SIGNS:
         return _sign_rows(BLOCK)
+    elif PAIRS:
+        return _pair_rows(BLOCK)
     else:
         return tl.arange(0, BLOCK)
 
@@ -205,7 +217,26 @@ def _rounding_bits(seed, blk, step, tag, op):
     odd = (blk & 1) != 0
     wa = tl.where(odd, w2, w0)
     wb = tl.where(odd, w3, w1)
-    return tl.reshape(tl.join(tl.join(wa & 0xFFFF, wb & 0xFFFF), tl.join(wa >> 16, wb >> 16)), (blk.shape[0], 4))
+    return _halves(wa, wb)
+
+
+@triton.jit
+def _halves(wa, wb):
+    """[BLOCK, 4] the four 16-bit halves of words (wa, wb) [BLOCK] of each row, low half first."""
+    return tl.reshape(tl.join(tl.join(wa & 0xFFFF, wb & 0xFFFF), tl.join(wa >> 16, wb >> 16)), (wa.shape[0], 4))
+
+
+@triton.jit
+def _rounding_bits_pairs(seed, blk0, step, tag, op, BLOCK: tl.constexpr):
+    """_rounding_bits of the rows blk0 + _pair_rows(BLOCK), blk0 even: one Philox per rounding block
+    j (rows 2j, 2j + 1 at tensor rows j, j + BLOCK/2), its words broadcast to both rows as
+    _sigma_signs does (sm_90, bf16 Gaussian full step: 6 instructions per element fewer)."""
+    sub = (0xFFFF - tl.to_tensor(op)).to(tl.int64) << 48
+    w0, w1, w2, w3 = _stream_words(seed, ((blk0 >> 1) + tl.arange(0, BLOCK // 2).to(tl.int64)) | sub, step, tag)
+    h = tl.arange(0, 2)[:, None]  # tensor row h * BLOCK/2 + j: word pair (w0, w1) for h = 0, (w2, w3) for 1
+    wa = tl.reshape(tl.where(h == 0, w0[None, :], w2[None, :]), (BLOCK,))
+    wb = tl.reshape(tl.where(h == 0, w1[None, :], w3[None, :]), (BLOCK,))
+    return _halves(wa, wb)
 
 
 @triton.jit
@@ -245,7 +276,7 @@ def _load_clean(p_ptr, master_addr, t, idx, mask, HAS_MASTER: tl.constexpr):
 
 @triton.jit
 def _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr, BLOCK: tl.constexpr,
-           SIGNS: tl.constexpr):
+           SIGNS: tl.constexpr, PAIRS: tl.constexpr):
     """This program's tensor, its first Philox block, its rows (from the first: _program_rows) and
     their Philox blocks, local element indices [BLOCK, 4] and mask. With SIGNS the tensor's chunks
     start at a Rademacher block (128 elements) instead of a Philox block (4; _table)."""
@@ -257,9 +288,11 @@ def _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr, BL
     pid = tl.load(pid_ptr + t)
     if SIGNS:
         blk0 = (off >> 7 << 5) + ch * BLOCK
+    elif PAIRS:  # chunks start at a rounding block
+        blk0 = (off >> 3 << 1) + ch * BLOCK
     else:
         blk0 = (off >> 2) + ch * BLOCK
-    rows = _program_rows(BLOCK, SIGNS)
+    rows = _program_rows(BLOCK, SIGNS, PAIRS)
     blk = blk0 + rows.to(tl.int64)
     idx = blk[:, None] * 4 + tl.arange(0, 4)[None, :].to(tl.int64) - off
     mask = (idx >= 0) & (idx < n)
@@ -295,8 +328,9 @@ def _fused_step_kernel(
     if HAS_SCALE:
         inv_scale = 1.0 / tl.load(grad_scale_ptr)
     SIGNS: tl.constexpr = (RESTORE and RESTORE_SIGNS) or (AHEAD and AHEAD_SIGNS)  # rows as in _sign_rows
+    PAIRS: tl.constexpr = STOCHASTIC and not SIGNS  # rows as in _pair_rows
     t, blk0, rows, blk, idx, mask, pid = _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr,
-                                                BLOCK, SIGNS)
+                                                BLOCK, SIGNS, PAIRS)
     # The three streams first (unused ones are zeros the compiler drops), then the memory: each
     # already times its scale (sigma_k, noise_std, sigma_{k+1}; signs as sigma * eps, SPEC 2b).
     e_k = tl.zeros(idx.shape, tl.float32)
@@ -313,7 +347,9 @@ def _fused_step_kernel(
             xi = _normals(seed, blk, step, pid * 2 + 1, 1.0)
         else:
             xi = _normals(seed, blk, step, pid * 2 + 1, noise_std)  # noise_std * xi
-    if STOCHASTIC:
+    if PAIRS:
+        rbits = _rounding_bits_pairs(seed, blk0, step, pid * 2 + 1, 0, BLOCK)
+    elif STOCHASTIC:
         rbits = _rounding_bits(seed, blk, step, pid * 2 + 1, 0)
     if AHEAD:
         if AHEAD_SIGNS:
@@ -332,7 +368,7 @@ def _fused_step_kernel(
     # the program's first element, with 16-byte-aligned bases the compiler can see (vector access).
     n = tl.load(numel_ptr + t)
     off = tl.load(offset_ptr + t)
-    if SIGNS:  # chunks start at a Rademacher block: the first may start before the tensor
+    if SIGNS or PAIRS:  # chunks start at a Rademacher (rounding) block: the first may start before the tensor
         first = blk0 * 4 - off
         inside = (first >= 0) & (first + 4 * BLOCK <= n)
     else:
@@ -426,15 +462,19 @@ def _perturb_kernel(
     if HAS_STEP_T:
         step = tl.load(step_ptr)
     sigma = tl.cast(sigma, tl.float32)  # fp64 under Inductor, fp32 in eager
+    PAIRS: tl.constexpr = STOCHASTIC and not SIGNS
     t, blk0, rows, blk, idx, mask, pid = _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr,
-                                                BLOCK, SIGNS)
+                                                BLOCK, SIGNS, PAIRS)
     if SIGNS:
         pert = _sigma_signs(sigma, seed, blk0, step, pid * 2, BLOCK)
     else:
         pert = _normals(seed, blk, step, pid * 2, sigma)
     p_ptr = tl.load(param_addr + t).to(tl.pointer_type(P_DTYPE))
     clean = _load_clean(p_ptr, master_addr, t, idx, mask, HAS_MASTER)
-    if STOCHASTIC:  # rounding_op: 1 perturb_, 2 restore_ (SPEC 2c)
+    if PAIRS:  # rounding_op: 1 perturb_, 2 restore_ (SPEC 2c)
+        rbits = _rounding_bits_pairs(seed, blk0, step, pid * 2 + 1, rounding_op, BLOCK)
+        out = _round_bf16_stochastic(clean + pert, rbits, P_SOFT)
+    elif STOCHASTIC:
         out = _round_bf16_stochastic(clean + pert, _rounding_bits(seed, blk, step, pid * 2 + 1, rounding_op), P_SOFT)
     else:
         out = _round_to(clean + pert, P_DTYPE, P_SOFT)
@@ -570,13 +610,15 @@ _TABLES: "OrderedDict[tuple, tuple]" = OrderedDict()
 _MAX_TABLES = 64
 
 
-def _table(params, grads, bufs, masters, param_ids, offsets, block, signs=False):
-    """The launch's device tables; `signs`: chunks start at a Rademacher block (the kernels' SIGNS)."""
+def _table(params, grads, bufs, masters, param_ids, offsets, block, signs=False, pairs=False):
+    """The launch's device tables; `signs`: chunks start at a Rademacher block (the kernels' SIGNS),
+    `pairs`: at a rounding block (PAIRS)."""
     device = params[0].device
     key = (
         device,
         block,
         signs,
+        pairs,
         tuple(p.data_ptr() for p in params),
         tuple(g.data_ptr() for g in grads),
         tuple(b.data_ptr() for b in bufs),
@@ -594,7 +636,7 @@ def _table(params, grads, bufs, masters, param_ids, offsets, block, signs=False)
         n = p.numel()
         if n == 0:
             continue
-        first = off // 128 * 32 if signs else off // 4  # as blk0 in _chunk
+        first = off // 128 * 32 if signs else off // 8 * 2 if pairs else off // 4  # as blk0 in _chunk
         nblk = (off + n - 1) // 4 - first + 1
         chunks = -(-nblk // block)
         chunk_tensor += [i] * chunks
@@ -653,7 +695,8 @@ def _launch_step(params, grads, bufs, masters, param_ids, offsets, seed, step, l
                  restore_rademacher=False, perturb_rademacher=False, stochastic=False):
     restore, ahead = restore_sigma != 0.0 and not masters, perturb_sigma != 0.0
     restore_signs, ahead_signs = restore and bool(restore_rademacher), ahead and bool(perturb_rademacher)
-    n_chunks, *tab, _ = _table(params, grads, bufs, masters, param_ids, offsets, block, restore_signs or ahead_signs)
+    signs = restore_signs or ahead_signs
+    n_chunks, *tab, _ = _table(params, grads, bufs, masters, param_ids, offsets, block, signs, stochastic and not signs)
     if n_chunks == 0:
         return
     dummy = tab[0]
@@ -698,7 +741,7 @@ def _launch_perturb(params, masters, param_ids, offsets, seed, step, sigma, step
     stochastic = _rounds_stochastically(params, masters, rounding_op >= 0)
     block, warps = _tuned_block(params[0].device, params[0].dtype, sum(p.numel() for p in params))
     n_chunks, chunk_t, chunk_i, numel, offs, pids, p_addr, _, _, m_addr, _ = _table(
-        params, [], [], masters, param_ids, offsets, block, rademacher
+        params, [], [], masters, param_ids, offsets, block, rademacher, stochastic and not rademacher
     )
     if n_chunks:
         _perturb_kernel[(n_chunks,)](chunk_t, chunk_i, numel, offs, pids, p_addr, m_addr, seed & _U64, step,
