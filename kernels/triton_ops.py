@@ -247,6 +247,7 @@ def _round_bf16_stochastic(x, r, SOFT_BF16: tl.constexpr):
     nearest writes either (and a NaN as the nearest store does)."""
     u = x.to(tl.uint32, bitcast=True)
     # |x| + r reaches the all-ones exponent iff x is not finite or its rounded magnitude would be
+    # (tested on the float result instead, with x != x for a NaN: +1 instruction per element)
     nearest = ((u & 0x7FFFFFFF) + r) >= 0x7F800000
     y = tl.where(nearest, x, ((u + r) & 0xFFFF0000).to(tl.float32, bitcast=True))
     return _round_to(y, tl.bfloat16, SOFT_BF16)
@@ -255,10 +256,12 @@ def _round_bf16_stochastic(x, r, SOFT_BF16: tl.constexpr):
 @triton.jit
 def _compensated_noise_std(theta, noise_std):
     """sqrt(max(0, noise_std**2 - ulp(theta)**2 / 6)) per element, rounded as the reference's
-    compensated_noise_std: ulp = 2**(e - 7) is theta's exponent bits times 2**-7 (exact; a zero
-    exponent gives 0 where the reference has 2**-133, whose square is 0 in float32 either way)."""
-    ulp = (theta.to(tl.uint32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True) * 0.0078125
-    v = noise_std * noise_std - ulp * ulp * 0.1666666716337204  # float32(1 / 6)
+    compensated_noise_std: ulp = 2**(e - 7) from theta's exponent bits (a zero exponent gives 0
+    where the reference has 2**-133, whose square is 0 in float32 either way)."""
+    # (ulp * ulp) * float32(1 / 6) as (p * p) * (2**-14 * float32(1 / 6)), p = 2**e = 2**7 ulp: one
+    # rounding of the same value, 0 where either underflows (p * p is exact from 2**-149 up); -1 FMUL
+    p = (theta.to(tl.uint32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    v = noise_std * noise_std - p * p * 1.0172526344831567e-05
     # sqrt's fast path (correctly rounded for normal v; tl.sqrt_rn's slow-path CALL sits on a
     # lane-divergent branch); a v below the normals (std < 2**-63) gives 0
     return tl.where(v >= 1.1754943508222875e-38, _sqrt_box_muller(v), 0.0)
