@@ -834,7 +834,8 @@ def count_triton(root: str, workdir: str, variants=VARIANTS) -> list[dict]:
                                 constexprs={(names.index(k),): val for k, val in constexprs.items()})
                 k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                    options={"num_warps": warps, "enable_fp_fusion": False})
-                cubin = os.path.join(workdir, f"triton_{v.dtype}_{v.master}_{v.stochastic}_{v.name}_{block}_{config}.cubin")
+                cubin = os.path.join(workdir,
+                                     f"triton_{v.dtype}_{v.master}_{v.stochastic}_{v.name}_{block}_{config}.cubin")
                 with open(cubin, "wb") as f:
                     f.write(k.asm["cubin"])
                 usage = next(iter(resource_usage(cubin).values()), {})
@@ -985,7 +986,8 @@ def print_table(rows: list[dict], out=sys.stdout) -> None:
             + f" {'B/elem':>6s} {'regs':>4s} {'spill':>5s} {'div':>3s} {'H100':>5s} {'H200':>5s}")
     print(head, file=out)
     for r in rows:
-        label = f"{r['dtype']}{'+master' if r['master_weights'] else ''}{'+sr' if r.get('stochastic') else ''} {r['variant']}"
+        label = (f"{r['dtype']}{'+master' if r['master_weights'] else ''}{'+sr' if r.get('stochastic') else ''} "
+                 f"{r['variant']}")
         if "block" in r:
             label += f" B{r['block']}/w{r['num_warps']}"
         cls = " ".join(f"{r['by_class_per_element'][c]:7.1f}" for c in CLASSES)

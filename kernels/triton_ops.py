@@ -160,7 +160,9 @@ def _pair_rows(BLOCK: tl.constexpr):
     """The row that each tensor row holds when the param is rounded stochastically (SPEC 2c, one
     Philox per 8 elements) without signs: tensor rows j and j + BLOCK/2 hold rows 2j and 2j + 1,
     one rounding block, and Triton's blocked layout gives both to one thread (its rows are a
-    thread stride apart, which divides BLOCK/2), so a thread draws each rounding block once."""
+    thread stride apart, which divides BLOCK/2), so a thread draws each rounding block once (any
+    other layout stays correct, at a shuffle's cost). A warp's access covers every other row: two
+    accesses of a thread fill each line."""
     r = tl.arange(0, BLOCK)
     return 2 * (r % (BLOCK // 2)) + r // (BLOCK // 2)
 
@@ -209,9 +211,10 @@ def _round_to(x, DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
 # ---- SPEC 2c: stochastic rounding of bf16 params without masters -------------------------------
 @triton.jit
 def _rounding_bits(seed, blk, step, tag, op):
-    """[BLOCK, 4] 16 random bits (uint32) per element of Philox blocks blk (int64 [BLOCK]): one Philox
-    call per rounding block of 8 elements (blk // 2), sub-stream 0xffff - op in bits 16..31 of
-    counter word 1; element 4 blk + lane takes half lane % 2 of word 2 (blk % 2) + lane // 2."""
+    """[BLOCK, 4] 16 random bits (uint32) per element of Philox blocks blk (int64 [BLOCK]): the words
+    of rounding block blk // 2 (8 elements), sub-stream 0xffff - op in bits 16..31 of counter word 1;
+    element 4 blk + lane takes half lane % 2 of word 2 (blk % 2) + lane // 2. Drawn per row (with
+    the sign rows a thread's rows do not pair up: twice per rounding block; else _rounding_bits_pairs)."""
     sub = (0xFFFF - tl.to_tensor(op)).to(tl.int64) << 48  # word 1 = (rblk >> 32) | sub >> 32: rblk < 2**48
     w0, w1, w2, w3 = _stream_words(seed, (blk >> 1) | sub, step, tag)
     odd = (blk & 1) != 0
@@ -282,7 +285,8 @@ def _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr, BL
            SIGNS: tl.constexpr, PAIRS: tl.constexpr):
     """This program's tensor, its first Philox block, its rows (from the first: _program_rows) and
     their Philox blocks, local element indices [BLOCK, 4] and mask. With SIGNS the tensor's chunks
-    start at a Rademacher block (128 elements) instead of a Philox block (4; _table)."""
+    start at a Rademacher block (128 elements), with PAIRS at a rounding block (8), instead of a
+    Philox block (4; _table)."""
     prog = tl.program_id(0)
     t = tl.load(chunk_tensor_ptr + prog)
     ch = tl.load(chunk_index_ptr + prog).to(tl.int64)
@@ -371,7 +375,7 @@ def _fused_step_kernel(
     # the program's first element, with 16-byte-aligned bases the compiler can see (vector access).
     n = tl.load(numel_ptr + t)
     off = tl.load(offset_ptr + t)
-    if SIGNS or PAIRS:  # chunks start at a Rademacher (rounding) block: the first may start before the tensor
+    if SIGNS or PAIRS:  # chunks start at a Rademacher or rounding block: the first may start before the tensor
         first = blk0 * 4 - off
         inside = (first >= 0) & (first + 4 * BLOCK <= n)
     else:

@@ -89,11 +89,11 @@ def _sr_rows(counted):
     by_block = lambda **kw: {r["block"]: r for r in _rows(counted, "triton", "gaussian-full", **kw)}  # noqa: E731
     fp32, nearest = by_block(), by_block(dtype="bfloat16")
     sr = by_block(dtype="bfloat16", stochastic=True)
-    assert set(fp32) == set(nearest) == set(sr) == {b for b, _ in _CONFIGS()}
+    assert set(fp32) == set(nearest) == set(sr) == {b for b, _ in _launcher_configs()}
     return [(fp32[b], nearest[b], sr[b]) for b in sorted(sr)]
 
 
-def _CONFIGS():
+def _launcher_configs():
     from fsgld_fused.kernels import triton_ops
 
     return triton_ops._CONFIGS

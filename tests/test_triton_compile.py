@@ -34,7 +34,8 @@ TYPES = {"chunk_tensor_ptr": "*i32", "chunk_index_ptr": "*i32", "numel_ptr": "*i
          "seed": "u64", "step": "i64", "lr": "fp32", "weight_decay": "fp32", "momentum": "fp32",
          "noise_std": "fp32", "restore_sigma": "fp32", "perturb_sigma": "fp32", "sigma": "fp32",
          "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "step_ptr": "*i64", "lr_ptr": "*fp32",
-         "rounding_op": "i32", "out_ptr": "*fp32", "n": "i64", "off": "i64", "tag": "i64", "nblocks": "i64", "first": "i64"}
+         "rounding_op": "i32", "out_ptr": "*fp32", "n": "i64", "off": "i64", "tag": "i64", "nblocks": "i64",
+         "first": "i64"}
 
 def build(fn, target, out_type=None, **constexprs):
     names = list(inspect.signature(fn.fn).parameters)
