@@ -88,6 +88,7 @@ class Variant:
     ahead: bool
     nominal_bytes: int  # bytes per element at the floor: param, grad, master as SPEC 3 counts them
     rademacher: bool = False  # the perturbations (restore, ahead) are signs (SPEC 2b); xi stays Gaussian
+    stochastic: bool = False  # bf16 without masters rounded stochastically (SPEC 2c)
 
 
 VARIANTS = (
@@ -101,6 +102,8 @@ VARIANTS = (
     Variant("rademacher-full", "float32", False, True, True, True, 12, rademacher=True),
     Variant("rademacher-full", "bfloat16", False, True, True, True, 6, rademacher=True),
     Variant("rademacher-full", "bfloat16", True, False, True, True, 12, rademacher=True),
+    Variant("gaussian-full", "bfloat16", False, True, True, True, 6, stochastic=True),
+    Variant("rademacher-full", "bfloat16", False, True, True, True, 6, rademacher=True, stochastic=True),
 )
 
 
@@ -742,7 +745,7 @@ def count_cuda(root: str, workdir: str, variants=VARIANTS) -> list[dict]:
     rows = []
     for v in variants:
         fn = cuda_kernel_for(v, demangled)
-        if fn is None:
+        if fn is None or v.stochastic:  # no StepFlags bit for SPEC 2c in this tree's CUDA kernels yet
             continue
         runtime_flags = re.search(r"fused_step_kernel<[^<>]*, \d+u?>", demangled[fn]) is None
         instrs = parse_sass(disassemble(cubin, fn))
@@ -799,7 +802,8 @@ def _triton_constexprs(K, v: Variant, block: int, config: dict) -> dict:
                   HAS_MOMENTUM=config["momentum"] != 0.0, HAS_SCALE=config["grad_scale"] is not None,
                   HAS_FOUND_INF=config["found_inf"] is not None, RESTORE=v.restore, NOISE=v.noise, AHEAD=v.ahead,
                   WEIGHT_DECAY=config["weight_decay"] != 0.0, BLOCK=block,
-                  RESTORE_SIGNS=v.rademacher and v.restore, AHEAD_SIGNS=v.rademacher and v.ahead)
+                  RESTORE_SIGNS=v.rademacher and v.restore, AHEAD_SIGNS=v.rademacher and v.ahead,
+                  STOCHASTIC=v.stochastic)
     names = inspect.signature(K._fused_step_kernel.fn).parameters
     return {k: val for k, val in values.items() if k in names}
 
@@ -830,7 +834,8 @@ def count_triton(root: str, workdir: str, variants=VARIANTS) -> list[dict]:
                                 constexprs={(names.index(k),): val for k, val in constexprs.items()})
                 k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                    options={"num_warps": warps, "enable_fp_fusion": False})
-                cubin = os.path.join(workdir, f"triton_{v.dtype}_{v.master}_{v.name}_{block}_{config}.cubin")
+                cubin = os.path.join(workdir,
+                                     f"triton_{v.dtype}_{v.master}_{v.stochastic}_{v.name}_{block}_{config}.cubin")
                 with open(cubin, "wb") as f:
                     f.write(k.asm["cubin"])
                 usage = next(iter(resource_usage(cubin).values()), {})
@@ -848,8 +853,8 @@ def count_triton(root: str, workdir: str, variants=VARIANTS) -> list[dict]:
 
 def _row(backend: str, v: Variant, kernel: str, counts: dict, usage: dict, path_name: str, config: str,
          path: list[Instr], divergent: set[int], block: Optional[int] = None, warps: Optional[int] = None) -> dict:
-    row = {"backend": backend, "dtype": v.dtype, "master_weights": v.master, "variant": v.name, "path": path_name,
-           "config": config, "kernel": kernel}
+    row = {"backend": backend, "dtype": v.dtype, "master_weights": v.master, "stochastic": v.stochastic,
+           "variant": v.name, "path": path_name, "config": config, "kernel": kernel}
     if block is not None:
         row["block"], row["num_warps"] = block, warps
     row.update(counts)
@@ -981,7 +986,8 @@ def print_table(rows: list[dict], out=sys.stdout) -> None:
             + f" {'B/elem':>6s} {'regs':>4s} {'spill':>5s} {'div':>3s} {'H100':>5s} {'H200':>5s}")
     print(head, file=out)
     for r in rows:
-        label = f"{r['dtype']}{'+master' if r['master_weights'] else ''} {r['variant']}"
+        label = (f"{r['dtype']}{'+master' if r['master_weights'] else ''}{'+sr' if r.get('stochastic') else ''} "
+                 f"{r['variant']}")
         if "block" in r:
             label += f" B{r['block']}/w{r['num_warps']}"
         cls = " ".join(f"{r['by_class_per_element'][c]:7.1f}" for c in CLASSES)

@@ -100,8 +100,9 @@ def _sincos_2pi_u(w):
 
 @triton.jit
 def _sqrt_box_muller(x):
-    """sqrt(x), correctly rounded, for x in [1.1e-7, 33.3]: the fast path of the IEEE sqrt (rsqrt,
-    one Newton correction) without its branch for special inputs, as in fsgld_math.h."""
+    """sqrt(x), correctly rounded, for x in [1.1e-7, 33.3] (and by scaling any normal x): the fast
+    path of the IEEE sqrt (rsqrt, one Newton correction) without its branch for special inputs, as
+    in fsgld_math.h."""
     y = tl.rsqrt(x)
     s = x * y
     return tl.fma(tl.fma(-s, s, x), y * 0.5, s)
@@ -155,11 +156,25 @@ def _sign_rows(BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _program_rows(BLOCK: tl.constexpr, SIGNS: tl.constexpr):
+def _pair_rows(BLOCK: tl.constexpr):
+    """The row that each tensor row holds when the param is rounded stochastically (SPEC 2c, one
+    Philox per 8 elements) without signs: tensor rows j and j + BLOCK/2 hold rows 2j and 2j + 1,
+    one rounding block, and Triton's blocked layout gives both to one thread (its rows are a
+    thread stride apart, which divides BLOCK/2), so a thread draws each rounding block once (any
+    other layout stays correct, at a shuffle's cost). A warp's access covers every other row: two
+    accesses of a thread fill each line."""
+    r = tl.arange(0, BLOCK)
+    return 2 * (r % (BLOCK // 2)) + r // (BLOCK // 2)
+
+
+@triton.jit
+def _program_rows(BLOCK: tl.constexpr, SIGNS: tl.constexpr, PAIRS: tl.constexpr):
     """The row (Philox block) of each tensor row, from the program's first: in order, or with a
-    sign perturbation in the order of _sign_rows."""
+    sign perturbation in the order of _sign_rows, or stochastically rounded in that of _pair_rows."""
     if SIGNS:
         return _sign_rows(BLOCK)
+    elif PAIRS:
+        return _pair_rows(BLOCK)
     else:
         return tl.arange(0, BLOCK)
 
@@ -193,6 +208,68 @@ def _round_to(x, DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
         return x.to(DTYPE)
 
 
+# ---- SPEC 2c: stochastic rounding of bf16 params without masters -------------------------------
+@triton.jit
+def _rounding_bits(seed, blk, step, tag, op):
+    """[BLOCK, 4] 16 random bits (uint32) per element of Philox blocks blk (int64 [BLOCK]): the words
+    of rounding block blk // 2 (8 elements), sub-stream 0xffff - op in bits 16..31 of counter word 1;
+    element 4 blk + lane takes half lane % 2 of word 2 (blk % 2) + lane // 2. Drawn per row (with
+    the sign rows a thread's rows do not pair up: twice per rounding block; else _rounding_bits_pairs)."""
+    sub = (0xFFFF - tl.to_tensor(op)).to(tl.int64) << 48  # word 1 = (rblk >> 32) | sub >> 32: rblk < 2**48
+    w0, w1, w2, w3 = _stream_words(seed, (blk >> 1) | sub, step, tag)
+    odd = (blk & 1) != 0
+    wa = tl.where(odd, w2, w0)
+    wb = tl.where(odd, w3, w1)
+    return _halves(wa, wb)
+
+
+@triton.jit
+def _halves(wa, wb):
+    """[BLOCK, 4] the four 16-bit halves of words (wa, wb) [BLOCK] of each row, low half first."""
+    return tl.reshape(tl.join(tl.join(wa & 0xFFFF, wb & 0xFFFF), tl.join(wa >> 16, wb >> 16)), (wa.shape[0], 4))
+
+
+@triton.jit
+def _rounding_bits_pairs(seed, blk0, step, tag, op, BLOCK: tl.constexpr):
+    """_rounding_bits of the rows blk0 + _pair_rows(BLOCK), blk0 even: one Philox per rounding block
+    j (rows 2j, 2j + 1 at tensor rows j, j + BLOCK/2), its words broadcast to both rows as
+    _sigma_signs does (sm_90, bf16 Gaussian full step: 6 instructions per element fewer)."""
+    sub = (0xFFFF - tl.to_tensor(op)).to(tl.int64) << 48
+    w0, w1, w2, w3 = _stream_words(seed, ((blk0 >> 1) + tl.arange(0, BLOCK // 2).to(tl.int64)) | sub, step, tag)
+    h = tl.arange(0, 2)[:, None]  # tensor row h * BLOCK/2 + j: word pair (w0, w1) for h = 0, (w2, w3) for 1
+    wa = tl.reshape(tl.where(h == 0, w0[None, :], w2[None, :]), (BLOCK,))
+    wb = tl.reshape(tl.where(h == 0, w1[None, :], w3[None, :]), (BLOCK,))
+    return _halves(wa, wb)
+
+
+@triton.jit
+def _round_bf16_stochastic(x, r, SOFT_BF16: tl.constexpr):
+    """float32 -> bf16 rounded up or down at random (SPEC 2c, fsgld_math.h bf16_bits_stochastic): the
+    16 bits r added below bf16's last bit, then truncated; a non-finite x, or a finite x that would
+    become infinite, rounds to nearest. The truncated sum is a bf16 value, so one conversion to
+    nearest writes either (and a NaN as the nearest store does)."""
+    u = x.to(tl.uint32, bitcast=True)
+    # |x| + r reaches the all-ones exponent iff x is not finite or its rounded magnitude would be
+    # (tested on the float result instead, with x != x for a NaN: +1 instruction per element)
+    nearest = ((u & 0x7FFFFFFF) + r) >= 0x7F800000
+    y = tl.where(nearest, x, ((u + r) & 0xFFFF0000).to(tl.float32, bitcast=True))
+    return _round_to(y, tl.bfloat16, SOFT_BF16)
+
+
+@triton.jit
+def _compensated_noise_std(theta, noise_std):
+    """sqrt(max(0, noise_std**2 - ulp(theta)**2 / 6)) per element, rounded as the reference's
+    compensated_noise_std: ulp = 2**(e - 7) from theta's exponent bits (a zero exponent gives 0
+    where the reference has 2**-133, whose square is 0 in float32 either way)."""
+    # (ulp * ulp) * float32(1 / 6) as (p * p) * (2**-14 * float32(1 / 6)), p = 2**e = 2**7 ulp: one
+    # rounding of the same value, 0 where either underflows (p * p is exact from 2**-149 up); -1 FMUL
+    p = (theta.to(tl.uint32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    v = noise_std * noise_std - p * p * 1.0172526344831567e-05
+    # sqrt's fast path (correctly rounded for normal v; tl.sqrt_rn's slow-path CALL sits on a
+    # lane-divergent branch); a v below the normals (std < 2**-63) gives 0
+    return tl.where(v >= 1.1754943508222875e-38, _sqrt_box_muller(v), 0.0)
+
+
 @triton.jit
 def _load_clean(p_ptr, master_addr, t, idx, mask, HAS_MASTER: tl.constexpr):
     """The unperturbed weight in float32: the fp32 master if there is one, else the param."""
@@ -205,10 +282,11 @@ def _load_clean(p_ptr, master_addr, t, idx, mask, HAS_MASTER: tl.constexpr):
 
 @triton.jit
 def _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr, BLOCK: tl.constexpr,
-           SIGNS: tl.constexpr):
+           SIGNS: tl.constexpr, PAIRS: tl.constexpr):
     """This program's tensor, its first Philox block, its rows (from the first: _program_rows) and
     their Philox blocks, local element indices [BLOCK, 4] and mask. With SIGNS the tensor's chunks
-    start at a Rademacher block (128 elements) instead of a Philox block (4; _table)."""
+    start at a Rademacher block (128 elements), with PAIRS at a rounding block (8), instead of a
+    Philox block (4; _table)."""
     prog = tl.program_id(0)
     t = tl.load(chunk_tensor_ptr + prog)
     ch = tl.load(chunk_index_ptr + prog).to(tl.int64)
@@ -217,9 +295,11 @@ def _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr, BL
     pid = tl.load(pid_ptr + t)
     if SIGNS:
         blk0 = (off >> 7 << 5) + ch * BLOCK
+    elif PAIRS:  # chunks start at a rounding block
+        blk0 = (off >> 3 << 1) + ch * BLOCK
     else:
         blk0 = (off >> 2) + ch * BLOCK
-    rows = _program_rows(BLOCK, SIGNS)
+    rows = _program_rows(BLOCK, SIGNS, PAIRS)
     blk = blk0 + rows.to(tl.int64)
     idx = blk[:, None] * 4 + tl.arange(0, 4)[None, :].to(tl.int64) - off
     mask = (idx >= 0) & (idx < n)
@@ -236,7 +316,7 @@ def _fused_step_kernel(
     HAS_STEP_T: tl.constexpr, HAS_LR_T: tl.constexpr,
     HAS_MASTER: tl.constexpr, HAS_MOMENTUM: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     RESTORE: tl.constexpr, NOISE: tl.constexpr, AHEAD: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
-    RESTORE_SIGNS: tl.constexpr, AHEAD_SIGNS: tl.constexpr, BLOCK: tl.constexpr,
+    RESTORE_SIGNS: tl.constexpr, AHEAD_SIGNS: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     if HAS_FOUND_INF:
         if tl.load(found_inf_ptr) != 0.0:
@@ -255,20 +335,29 @@ def _fused_step_kernel(
     if HAS_SCALE:
         inv_scale = 1.0 / tl.load(grad_scale_ptr)
     SIGNS: tl.constexpr = (RESTORE and RESTORE_SIGNS) or (AHEAD and AHEAD_SIGNS)  # rows as in _sign_rows
+    PAIRS: tl.constexpr = STOCHASTIC and not SIGNS  # rows as in _pair_rows
     t, blk0, rows, blk, idx, mask, pid = _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr,
-                                                BLOCK, SIGNS)
+                                                BLOCK, SIGNS, PAIRS)
     # The three streams first (unused ones are zeros the compiler drops), then the memory: each
     # already times its scale (sigma_k, noise_std, sigma_{k+1}; signs as sigma * eps, SPEC 2b).
     e_k = tl.zeros(idx.shape, tl.float32)
     xi = tl.zeros(idx.shape, tl.float32)
     e_n = tl.zeros(idx.shape, tl.float32)
+    rbits = tl.zeros(idx.shape, tl.uint32)
     if RESTORE:  # only without masters: the master is never perturbed
         if RESTORE_SIGNS:
             e_k = _sigma_signs(restore_sigma, seed, blk0, step, pid * 2, BLOCK)
         else:
             e_k = _normals(seed, blk, step, pid * 2, restore_sigma)
     if NOISE:
-        xi = _normals(seed, blk, step, pid * 2 + 1, noise_std)  # noise_std * xi
+        if STOCHASTIC:  # unit normals: the std is per element (SPEC 2c)
+            xi = _normals(seed, blk, step, pid * 2 + 1, 1.0)
+        else:
+            xi = _normals(seed, blk, step, pid * 2 + 1, noise_std)  # noise_std * xi
+    if PAIRS:
+        rbits = _rounding_bits_pairs(seed, blk0, step, pid * 2 + 1, 0, BLOCK)
+    elif STOCHASTIC:
+        rbits = _rounding_bits(seed, blk, step, pid * 2 + 1, 0)
     if AHEAD:
         if AHEAD_SIGNS:
             e_n = _sigma_signs(perturb_sigma, seed, blk0, step + 1, pid * 2, BLOCK)
@@ -286,7 +375,7 @@ def _fused_step_kernel(
     # the program's first element, with 16-byte-aligned bases the compiler can see (vector access).
     n = tl.load(numel_ptr + t)
     off = tl.load(offset_ptr + t)
-    if SIGNS:  # chunks start at a Rademacher block: the first may start before the tensor
+    if SIGNS or PAIRS:  # chunks start at a Rademacher or rounding block: the first may start before the tensor
         first = blk0 * 4 - off
         inside = (first >= 0) & (first + 4 * BLOCK <= n)
     else:
@@ -296,15 +385,15 @@ def _fused_step_kernel(
         loc = rows[:, None] * 4 + tl.arange(0, 4)[None, :]
         _step_elements(_aligned(p_addr, first, loc, P_DTYPE), _aligned(g_addr, first, loc, P_DTYPE),
                        _aligned(b_addr, first, loc, B_DTYPE), _aligned(m_addr, first, loc, tl.float32), 0, loc,
-                       e_k, xi, e_n, lr, weight_decay, momentum, noise_std, restore_sigma, perturb_sigma, inv_scale,
-                       P_DTYPE, B_DTYPE, P_SOFT, B_SOFT, HAS_MASTER, HAS_MOMENTUM, HAS_SCALE, RESTORE, NOISE, AHEAD,
-                       WEIGHT_DECAY, RESTORE_SIGNS, AHEAD_SIGNS, False)
+                       e_k, xi, e_n, rbits, lr, weight_decay, momentum, noise_std, restore_sigma, perturb_sigma,
+                       inv_scale, P_DTYPE, B_DTYPE, P_SOFT, B_SOFT, HAS_MASTER, HAS_MOMENTUM, HAS_SCALE, RESTORE,
+                       NOISE, AHEAD, WEIGHT_DECAY, RESTORE_SIGNS, AHEAD_SIGNS, STOCHASTIC, False)
     else:
         _step_elements(p_addr.to(tl.pointer_type(P_DTYPE)), g_addr.to(tl.pointer_type(P_DTYPE)),
                        b_addr.to(tl.pointer_type(B_DTYPE)), m_addr.to(tl.pointer_type(tl.float32)), idx, mask,
-                       e_k, xi, e_n, lr, weight_decay, momentum, noise_std, restore_sigma, perturb_sigma, inv_scale,
-                       P_DTYPE, B_DTYPE, P_SOFT, B_SOFT, HAS_MASTER, HAS_MOMENTUM, HAS_SCALE, RESTORE, NOISE, AHEAD,
-                       WEIGHT_DECAY, RESTORE_SIGNS, AHEAD_SIGNS, True)
+                       e_k, xi, e_n, rbits, lr, weight_decay, momentum, noise_std, restore_sigma, perturb_sigma,
+                       inv_scale, P_DTYPE, B_DTYPE, P_SOFT, B_SOFT, HAS_MASTER, HAS_MOMENTUM, HAS_SCALE, RESTORE,
+                       NOISE, AHEAD, WEIGHT_DECAY, RESTORE_SIGNS, AHEAD_SIGNS, STOCHASTIC, True)
 
 
 @triton.jit
@@ -318,12 +407,12 @@ def _aligned(addr, first, loc, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _step_elements(p_ptr, g_ptr, b_ptr, m_ptr, idx, mask, e_k, xi, e_n, lr, weight_decay, momentum, noise_std,
-                   restore_sigma, perturb_sigma, inv_scale, P_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr,
+def _step_elements(p_ptr, g_ptr, b_ptr, m_ptr, idx, mask, e_k, xi, e_n, rbits, lr, weight_decay, momentum,
+                   noise_std, restore_sigma, perturb_sigma, inv_scale, P_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr,
                    P_SOFT: tl.constexpr, B_SOFT: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
                    HAS_SCALE: tl.constexpr, RESTORE: tl.constexpr, NOISE: tl.constexpr, AHEAD: tl.constexpr,
                    WEIGHT_DECAY: tl.constexpr, RESTORE_SIGNS: tl.constexpr, AHEAD_SIGNS: tl.constexpr,
-                   MASKED: tl.constexpr):
+                   STOCHASTIC: tl.constexpr, MASKED: tl.constexpr):
     """SPEC section 3 on the elements idx of one program (masked at the tensor's edges)."""
     if HAS_MASTER:
         theta = _load(m_ptr + idx, mask, MASKED)
@@ -331,6 +420,8 @@ def _step_elements(p_ptr, g_ptr, b_ptr, m_ptr, idx, mask, e_k, xi, e_n, lr, weig
         theta = _load(p_ptr + idx, mask, MASKED).to(tl.float32)
     if RESTORE:
         theta = theta - e_k  # sigma_k * eps_k, as drawn
+    if STOCHASTIC and NOISE:  # the std from the clean theta; xi was drawn unit
+        xi = _compensated_noise_std(theta, noise_std) * xi
     d = _load(g_ptr + idx, mask, MASKED).to(tl.float32)
     if HAS_SCALE:
         d = d * inv_scale
@@ -347,7 +438,10 @@ def _step_elements(p_ptr, g_ptr, b_ptr, m_ptr, idx, mask, e_k, xi, e_n, lr, weig
         _store(m_ptr + idx, theta, mask, MASKED)
     if AHEAD:
         theta = theta + e_n
-    _store(p_ptr + idx, _round_to(theta, P_DTYPE, P_SOFT), mask, MASKED)
+    if STOCHASTIC:
+        _store(p_ptr + idx, _round_bf16_stochastic(theta, rbits, P_SOFT), mask, MASKED)
+    else:
+        _store(p_ptr + idx, _round_to(theta, P_DTYPE, P_SOFT), mask, MASKED)
 
 
 @triton.jit
@@ -366,24 +460,32 @@ def _store(ptr, x, mask, MASKED: tl.constexpr):
         tl.store(ptr, x)
 
 
-@triton.jit(do_not_specialize=["seed", "step"])
+@triton.jit(do_not_specialize=["seed", "step", "rounding_op"])
 def _perturb_kernel(
     chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr, param_addr, master_addr,
-    seed, step, sigma, step_ptr, P_DTYPE: tl.constexpr, P_SOFT: tl.constexpr, HAS_MASTER: tl.constexpr,
-    HAS_STEP_T: tl.constexpr, SIGNS: tl.constexpr, BLOCK: tl.constexpr,
+    seed, step, sigma, step_ptr, rounding_op, P_DTYPE: tl.constexpr, P_SOFT: tl.constexpr, HAS_MASTER: tl.constexpr,
+    HAS_STEP_T: tl.constexpr, SIGNS: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     if HAS_STEP_T:
         step = tl.load(step_ptr)
     sigma = tl.cast(sigma, tl.float32)  # fp64 under Inductor, fp32 in eager
+    PAIRS: tl.constexpr = STOCHASTIC and not SIGNS
     t, blk0, rows, blk, idx, mask, pid = _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr,
-                                                BLOCK, SIGNS)
+                                                BLOCK, SIGNS, PAIRS)
     if SIGNS:
         pert = _sigma_signs(sigma, seed, blk0, step, pid * 2, BLOCK)
     else:
         pert = _normals(seed, blk, step, pid * 2, sigma)
     p_ptr = tl.load(param_addr + t).to(tl.pointer_type(P_DTYPE))
     clean = _load_clean(p_ptr, master_addr, t, idx, mask, HAS_MASTER)
-    tl.store(p_ptr + idx, _round_to(clean + pert, P_DTYPE, P_SOFT), mask=mask)
+    if PAIRS:  # rounding_op: 1 perturb_, 2 restore_ (SPEC 2c)
+        rbits = _rounding_bits_pairs(seed, blk0, step, pid * 2 + 1, rounding_op, BLOCK)
+        out = _round_bf16_stochastic(clean + pert, rbits, P_SOFT)
+    elif STOCHASTIC:
+        out = _round_bf16_stochastic(clean + pert, _rounding_bits(seed, blk, step, pid * 2 + 1, rounding_op), P_SOFT)
+    else:
+        out = _round_to(clean + pert, P_DTYPE, P_SOFT)
+    tl.store(p_ptr + idx, out, mask=mask)
 
 
 @triton.jit(do_not_specialize=["n", "off", "seed", "step", "tag"])
@@ -515,13 +617,15 @@ _TABLES: "OrderedDict[tuple, tuple]" = OrderedDict()
 _MAX_TABLES = 64
 
 
-def _table(params, grads, bufs, masters, param_ids, offsets, block, signs=False):
-    """The launch's device tables; `signs`: chunks start at a Rademacher block (the kernels' SIGNS)."""
+def _table(params, grads, bufs, masters, param_ids, offsets, block, signs=False, pairs=False):
+    """The launch's device tables; `signs`: chunks start at a Rademacher block (the kernels' SIGNS),
+    `pairs`: at a rounding block (PAIRS)."""
     device = params[0].device
     key = (
         device,
         block,
         signs,
+        pairs,
         tuple(p.data_ptr() for p in params),
         tuple(g.data_ptr() for g in grads),
         tuple(b.data_ptr() for b in bufs),
@@ -539,7 +643,7 @@ def _table(params, grads, bufs, masters, param_ids, offsets, block, signs=False)
         n = p.numel()
         if n == 0:
             continue
-        first = off // 128 * 32 if signs else off // 4  # as blk0 in _chunk
+        first = off // 128 * 32 if signs else off // 8 * 2 if pairs else off // 4  # as blk0 in _chunk
         nblk = (off + n - 1) // 4 - first + 1
         chunks = -(-nblk // block)
         chunk_tensor += [i] * chunks
@@ -595,10 +699,11 @@ def _check(params, param_ids, offsets, *lists):
 
 def _launch_step(params, grads, bufs, masters, param_ids, offsets, seed, step, lr, weight_decay, momentum,
                  noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, block, warps, step_t=None, lr_t=None,
-                 restore_rademacher=False, perturb_rademacher=False):
+                 restore_rademacher=False, perturb_rademacher=False, stochastic=False):
     restore, ahead = restore_sigma != 0.0 and not masters, perturb_sigma != 0.0
     restore_signs, ahead_signs = restore and bool(restore_rademacher), ahead and bool(perturb_rademacher)
-    n_chunks, *tab, _ = _table(params, grads, bufs, masters, param_ids, offsets, block, restore_signs or ahead_signs)
+    signs = restore_signs or ahead_signs
+    n_chunks, *tab, _ = _table(params, grads, bufs, masters, param_ids, offsets, block, signs, stochastic and not signs)
     if n_chunks == 0:
         return
     dummy = tab[0]
@@ -615,7 +720,7 @@ def _launch_step(params, grads, bufs, masters, param_ids, offsets, seed, step, l
         HAS_MASTER=bool(masters), HAS_MOMENTUM=momentum != 0.0, HAS_SCALE=grad_scale is not None,
         HAS_FOUND_INF=found_inf is not None, RESTORE=restore, NOISE=noise_std != 0.0, AHEAD=ahead,
         WEIGHT_DECAY=weight_decay != 0.0, RESTORE_SIGNS=restore_signs, AHEAD_SIGNS=ahead_signs,
-        BLOCK=block, num_warps=warps, enable_fp_fusion=False,
+        STOCHASTIC=stochastic, BLOCK=block, num_warps=warps, enable_fp_fusion=False,
     )  # fmt: skip
 
 
@@ -624,6 +729,11 @@ def _launch_step(params, grads, bufs, masters, param_ids, offsets, seed, step, l
 # FakeTensors): as torch.library custom ops they are single nodes in a compiled graph, like the C++
 # ops. `seed` crosses the schema as the int64 with the 64-bit seed's bits.
 _U64 = (1 << 64) - 1
+
+
+def _rounds_stochastically(params, masters, asked: bool) -> bool:
+    """SPEC 2c applies to bf16 params without masters; elsewhere the flag is ignored."""
+    return bool(asked) and params[0].dtype == torch.bfloat16 and not masters
 
 
 @torch.library.custom_op("fsgld_triton::perturb_", mutates_args=("params",))
@@ -635,18 +745,18 @@ def _perturb_op(params: list[torch.Tensor], masters: list[torch.Tensor], param_i
 
 
 def _launch_perturb(params, masters, param_ids, offsets, seed, step, sigma, step_t, rademacher=False, rounding_op=-1):
-    if rounding_op >= 0 and params[0].dtype == torch.bfloat16 and not masters:
-        raise NotImplementedError("fsgld triton: stochastic rounding is not implemented in the Triton kernels yet")
+    stochastic = _rounds_stochastically(params, masters, rounding_op >= 0)
     block, warps = _tuned_block(params[0].device, params[0].dtype, sum(p.numel() for p in params))
     n_chunks, chunk_t, chunk_i, numel, offs, pids, p_addr, _, _, m_addr, _ = _table(
-        params, [], [], masters, param_ids, offsets, block, rademacher
+        params, [], [], masters, param_ids, offsets, block, rademacher, stochastic and not rademacher
     )
     if n_chunks:
         _perturb_kernel[(n_chunks,)](chunk_t, chunk_i, numel, offs, pids, p_addr, m_addr, seed & _U64, step,
                                      float(sigma), step_t if step_t is not None else chunk_t,
+                                     rounding_op if stochastic else 0,
                                      P_DTYPE=_TL_DTYPE[params[0].dtype], P_SOFT=_soft_bf16(params[0].dtype),
                                      HAS_MASTER=bool(masters), HAS_STEP_T=step_t is not None, SIGNS=rademacher,
-                                     BLOCK=block,
+                                     STOCHASTIC=stochastic, BLOCK=block,
                                      num_warps=warps, enable_fp_fusion=False)
 
 
@@ -657,13 +767,12 @@ def _fused_step_op(params: list[torch.Tensor], grads: list[torch.Tensor], moment
                    perturb_sigma: float, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
                    step_t: Optional[torch.Tensor], lr_t: Optional[torch.Tensor], restore_rademacher: bool,
                    perturb_rademacher: bool, stochastic_rounding: bool) -> None:
-    if stochastic_rounding and params[0].dtype == torch.bfloat16 and not masters:
-        raise NotImplementedError("fsgld triton: stochastic rounding is not implemented in the Triton kernels yet")
     with _on_device(params[0].device):
         block, warps = _tuned_block(params[0].device, params[0].dtype, sum(p.numel() for p in params))
         _launch_step(params, grads, momentum_buffers, masters, param_ids, offsets, seed & _U64, step, lr,
                      weight_decay, momentum, noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, block,
-                     warps, step_t, lr_t, restore_rademacher, perturb_rademacher)
+                     warps, step_t, lr_t, restore_rademacher, perturb_rademacher,
+                     _rounds_stochastically(params, masters, stochastic_rounding))
 
 
 @_perturb_op.register_fake

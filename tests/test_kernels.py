@@ -154,14 +154,7 @@ def test_every_path_with_offsets_masters_weight_decay_momentum_scale(backend, ca
     _op_paths.check_case(ops(backend, dtype), dtype, master, n_tensors)
 
 
-_SR_NOT_YET = {"triton"}  # issue 26: backends whose kernels refuse stochastic rounding so far
-
-
-@pytest.mark.parametrize("backend", [
-    pytest.param(b, marks=pytest.mark.xfail(raises=(RuntimeError, NotImplementedError), strict=True,
-                                            reason="issue 26: not implemented yet")) if b in _SR_NOT_YET else b
-    for b in KERNEL_BACKENDS
-])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_stochastic_rounding_matches_spec_2c(backend):
     _sr_paths.check_all(ops(backend, torch.bfloat16), 4 if backend == "triton" else len(_sr_paths.SIZES))
 

@@ -22,6 +22,9 @@ import pytest
 from fsgld_fused import sass
 
 CUDA_MUST, TRITON_MUST, RADEMACHER_MUST = 105, 110, 60
+# SPEC 2c, Triton bf16 Gaussian full step rounded stochastically, over the fp32 row at the same
+# config: held 29 (measured 26.1 / 26.4 / 28.6 at B512 / B1024 / B2048); issue 26's target is 10
+TRITON_SR_OVER_FP32, SR_TARGET_OVER_FP32 = 29, 10
 # tail (edge chunk of an aligned tensor) and unaligned paths over the interior, per backend
 EDGE_RATIO = {("cuda", "gaussian-full"): 1.2, ("cuda", "rademacher-full"): 1.65,
               ("triton", "gaussian-full"): 1.3, ("triton", "rademacher-full"): 1.55}
@@ -35,8 +38,8 @@ def _count(tmp_path, *args):
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     data = json.load(open(out))
-    rows = {(r["backend"], r["dtype"], r["master_weights"], r["variant"], r["path"], r["config"], r.get("block")): r
-            for r in data["kernels"]}
+    rows = {(r["backend"], r["dtype"], r["master_weights"], r["variant"], r["path"], r["config"], r.get("block"),
+             r.get("stochastic", False)): r for r in data["kernels"]}
     return rows, data["weighted"]
 
 
@@ -59,11 +62,41 @@ def triton(tmp_path_factory):
     return _count(tmp_path_factory.mktemp("sass-triton"), "--backends", "triton", "--dtype", "float32")
 
 
-def _rows(counted, backend, variant, path="interior", config="default", dtype="float32", master=False):
+def _rows(counted, backend, variant, path="interior", config="default", dtype="float32", master=False,
+          stochastic=False):
     rows, _ = counted
-    found = [r for k, r in rows.items() if k[:6] == (backend, dtype, master, variant, path, config)]
+    found = [r for k, r in rows.items() if k[:6] == (backend, dtype, master, variant, path, config)
+             and k[7] == stochastic]
     assert found, (backend, variant, path, config)
     return found
+
+
+@pytest.fixture(scope="module")
+def triton_gaussian(tmp_path_factory):
+    """The Triton Gaussian full step in fp32 and bf16 (to nearest, stochastic rounding, masters)."""
+    pytest.importorskip("triton")
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError:
+        pytest.skip("Triton's NVIDIA backend is not installed")
+    if sass.find_tool("cuobjdump") is None:
+        pytest.skip("cuobjdump absent")
+    return _count(tmp_path_factory.mktemp("sass-triton-gaussian"), "--backends", "triton", "--variant", "gaussian-full")
+
+
+def _sr_rows(counted):
+    """(fp32, bf16 to nearest, bf16 stochastic) interior rows of each launcher config."""
+    by_block = lambda **kw: {r["block"]: r for r in _rows(counted, "triton", "gaussian-full", **kw)}  # noqa: E731
+    fp32, nearest = by_block(), by_block(dtype="bfloat16")
+    sr = by_block(dtype="bfloat16", stochastic=True)
+    assert set(fp32) == set(nearest) == set(sr) == {b for b, _ in _launcher_configs()}
+    return [(fp32[b], nearest[b], sr[b]) for b in sorted(sr)]
+
+
+def _launcher_configs():
+    from fsgld_fused.kernels import triton_ops
+
+    return triton_ops._CONFIGS
 
 
 def _kernel_constant(name):
@@ -96,6 +129,28 @@ def test_triton_default_step_within_budget_at_every_launcher_config(triton):
             assert r["instructions_per_element"] <= must, r
             assert r["spill_bytes"] == 0, r
             assert r["by_class_per_element"]["memory"] < 3, r  # 16-byte accesses, no shared-memory exchange
+
+
+def test_triton_stochastic_rounding_step_within_budget(triton_gaussian):
+    """SPEC 2c's bf16 step at every launcher config: what it adds to rounding to nearest is drawn
+    (one Philox per 8 elements: 2.5 multiplies per element; the compensated std's rsqrt: one per
+    element), and the whole stays within TRITON_SR_OVER_FP32 of the fp32 step, without spills."""
+    for fp32, nearest, sr in _sr_rows(triton_gaussian):
+        assert sr["instructions_per_element"] > nearest["instructions_per_element"], (sr, nearest)
+        assert sr["instructions_per_element"] <= fp32["instructions_per_element"] + TRITON_SR_OVER_FP32, (sr, fp32)
+        extra = {c: sr["by_class_per_element"][c] - nearest["by_class_per_element"][c] for c in ("int-mul", "mufu")}
+        assert abs(extra["int-mul"] - 2.5) <= 0.5, extra  # a Philox per 4 elements would add 5
+        assert extra["mufu"] == 1.0, extra
+        assert sr["spill_bytes"] == 0 and sr["divergent_branches"] == 0, sr
+        # the same accesses (no shared-memory exchange of the rounding words): a table load more per thread
+        assert sr["global_bytes_per_element"] == nearest["global_bytes_per_element"], (sr, nearest)
+        assert sr["by_class_per_element"]["memory"] <= nearest["by_class_per_element"]["memory"] + 0.125, (sr, nearest)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 26: the Triton bf16 stochastic step is 26-29 over fp32, not 10")
+def test_triton_stochastic_rounding_step_meets_issue_26_target(triton_gaussian):
+    for fp32, _, sr in _sr_rows(triton_gaussian):
+        assert sr["instructions_per_element"] <= fp32["instructions_per_element"] + SR_TARGET_OVER_FP32, (sr, fp32)
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])

@@ -34,7 +34,8 @@ TYPES = {"chunk_tensor_ptr": "*i32", "chunk_index_ptr": "*i32", "numel_ptr": "*i
          "seed": "u64", "step": "i64", "lr": "fp32", "weight_decay": "fp32", "momentum": "fp32",
          "noise_std": "fp32", "restore_sigma": "fp32", "perturb_sigma": "fp32", "sigma": "fp32",
          "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "step_ptr": "*i64", "lr_ptr": "*fp32",
-         "out_ptr": "*fp32", "n": "i64", "off": "i64", "tag": "i64", "nblocks": "i64", "first": "i64"}
+         "rounding_op": "i32", "out_ptr": "*fp32", "n": "i64", "off": "i64", "tag": "i64", "nblocks": "i64",
+         "first": "i64"}
 
 def build(fn, target, out_type=None, **constexprs):
     names = list(inspect.signature(fn.fn).parameters)
@@ -53,15 +54,16 @@ for arch in (80, 90):
     for p in (tl.float32, tl.bfloat16, tl.float16):
         masters = (False, True) if p != tl.float32 else (False,)
         for master in masters:
+            sr = p == tl.bfloat16 and not master  # SPEC 2c: only bf16 without masters rounds stochastically
             # every flag on with signs (SPEC 2b) and with normals for the perturbations, every flag off
             for on, signs in ((True, True), (True, False), (False, False)):
                 build(K._fused_step_kernel, target, P_DTYPE=p, B_DTYPE=tl.float32 if master else p, P_SOFT=False,
                       B_SOFT=False, HAS_MASTER=master, BLOCK=256, RESTORE_SIGNS=signs, AHEAD_SIGNS=signs,
-                      **{f: on for f in flags})
+                      STOCHASTIC=on and sr, **{f: on for f in flags})
                 n += 1
             for signs in (True, False):
                 build(K._perturb_kernel, target, P_DTYPE=p, P_SOFT=False, HAS_MASTER=master, HAS_STEP_T=True,
-                      SIGNS=signs, BLOCK=512)
+                      SIGNS=signs, STOCHASTIC=sr, BLOCK=512)
                 n += 1
     build(K._normals_kernel, target, BLOCK=256)
     build(K._words_kernel, target, out_type="*i32", BLOCK=256)
