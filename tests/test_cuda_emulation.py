@@ -199,7 +199,6 @@ def test_misaligned_storage_takes_the_scalar_path(emu):
     assert base[0].item() == neighbour  # the element before the tensor is not written
 
 
-@pytest.mark.xfail(raises=RuntimeError, strict=True, reason="issue 26: kernels not yet")
 def test_stochastic_rounding_matches_spec_2c(emu):
     _sr_paths.check_all(emu)
 
