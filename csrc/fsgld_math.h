@@ -259,10 +259,10 @@ FSGLD_HD uint16_t bf16_bits_stochastic(float x, uint32_t r) {
 // ulp(theta)**2 / 6 with ulp = 2**(e - 7) (e: theta's unbiased float32 exponent; 2**-133 below
 // 2**-126), rounded as the reference computes it: (ulp * ulp) * float32(1/6).
 FSGLD_HD float bf16_rounding_variance(float theta) {
-  uint32_t e = (float_to_bits(theta) >> 23) & 0xFFu;  // biased
-  e = e < 1u ? 1u : e;
-  // 2**(e - 134): a normal float for e >= 8 (biased exponent e - 7), else the subnormal 2**(e + 15) ulps
-  const float ulp = e >= 8u ? bits_to_float((e - 7u) << 23) : bits_to_float(1u << (e + 15u));
+  // |theta| truncated to its power of two, 2**(e - 127), times 2**-7: ulp exactly (a subnormal down to
+  // 2**-133); 0 below 2**-126, where the reference's 2**-133 squares to 0 all the same. 4 instructions
+  // instead of 10 (clamp, select of two bit patterns); equal on every float32 exponent.
+  const float ulp = bits_to_float(float_to_bits(theta) & 0x7F800000u) * 0x1p-7f;
   return (ulp * ulp) * (1.0f / 6.0f);
 }
 

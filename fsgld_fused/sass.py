@@ -88,6 +88,7 @@ class Variant:
     ahead: bool
     nominal_bytes: int  # bytes per element at the floor: param, grad, master as SPEC 3 counts them
     rademacher: bool = False  # the perturbations (restore, ahead) are signs (SPEC 2b); xi stays Gaussian
+    stochastic: bool = False  # bf16 without masters written with stochastic rounding (SPEC 2c)
 
 
 VARIANTS = (
@@ -101,6 +102,8 @@ VARIANTS = (
     Variant("rademacher-full", "float32", False, True, True, True, 12, rademacher=True),
     Variant("rademacher-full", "bfloat16", False, True, True, True, 6, rademacher=True),
     Variant("rademacher-full", "bfloat16", True, False, True, True, 12, rademacher=True),
+    Variant("gaussian-full", "bfloat16", False, True, True, True, 6, stochastic=True),
+    Variant("rademacher-full", "bfloat16", False, True, True, True, 6, rademacher=True, stochastic=True),
 )
 
 
@@ -568,7 +571,7 @@ def nvcc_flags(root: str) -> list[str]:
                 if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "NVCC_FLAGS")
 
 
-_FLAG_BITS = {"restore": 1, "noise": 2, "ahead": 4, "momentum": 8, "master": 16}  # StepFlags in the .cuh
+_FLAG_BITS = {"restore": 1, "noise": 2, "ahead": 4, "momentum": 8, "master": 16, "stochastic": 128}  # StepFlags
 _SIGN_BITS = {"restore": 32, "ahead": 64}  # kRestoreSigns, kAheadSigns: that perturbation is Rademacher
 
 
@@ -822,6 +825,8 @@ def count_triton(root: str, workdir: str, variants=VARIANTS) -> list[dict]:
     names = list(inspect.signature(fn.fn).parameters)
     rows = []
     for v in variants:
+        if v.stochastic:  # the Triton kernel's SPEC 2c constexpr is counted with the Triton side of issue 26
+            continue
         for block, warps in triton_configs(K):
             for config in dict.fromkeys(c for _, c, _ in _walks(v, "triton")):
                 constexprs = _triton_constexprs(K, v, block, CONFIGS[config])
@@ -848,8 +853,8 @@ def count_triton(root: str, workdir: str, variants=VARIANTS) -> list[dict]:
 
 def _row(backend: str, v: Variant, kernel: str, counts: dict, usage: dict, path_name: str, config: str,
          path: list[Instr], divergent: set[int], block: Optional[int] = None, warps: Optional[int] = None) -> dict:
-    row = {"backend": backend, "dtype": v.dtype, "master_weights": v.master, "variant": v.name, "path": path_name,
-           "config": config, "kernel": kernel}
+    row = {"backend": backend, "dtype": v.dtype, "master_weights": v.master, "stochastic": v.stochastic,
+           "variant": v.name, "path": path_name, "config": config, "kernel": kernel}
     if block is not None:
         row["block"], row["num_warps"] = block, warps
     row.update(counts)
@@ -981,7 +986,7 @@ def print_table(rows: list[dict], out=sys.stdout) -> None:
             + f" {'B/elem':>6s} {'regs':>4s} {'spill':>5s} {'div':>3s} {'H100':>5s} {'H200':>5s}")
     print(head, file=out)
     for r in rows:
-        label = f"{r['dtype']}{'+master' if r['master_weights'] else ''} {r['variant']}"
+        label = f"{r['dtype']}{'+master' if r['master_weights'] else ''}{'+sr' if r.get('stochastic') else ''} {r['variant']}"
         if "block" in r:
             label += f" B{r['block']}/w{r['num_warps']}"
         cls = " ".join(f"{r['by_class_per_element'][c]:7.1f}" for c in CLASSES)

@@ -22,6 +22,7 @@ import pytest
 from fsgld_fused import sass
 
 CUDA_MUST, TRITON_MUST, RADEMACHER_MUST = 105, 110, 60
+SR_OVER_FP32 = 10  # bf16 stochastic rounding (SPEC 2c), Gaussian full step: at most fp32's count + this
 # tail (edge chunk of an aligned tensor) and unaligned paths over the interior, per backend
 EDGE_RATIO = {("cuda", "gaussian-full"): 1.2, ("cuda", "rademacher-full"): 1.65,
               ("triton", "gaussian-full"): 1.3, ("triton", "rademacher-full"): 1.55}
@@ -35,8 +36,8 @@ def _count(tmp_path, *args):
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     data = json.load(open(out))
-    rows = {(r["backend"], r["dtype"], r["master_weights"], r["variant"], r["path"], r["config"], r.get("block")): r
-            for r in data["kernels"]}
+    rows = {(r["backend"], r["dtype"], r["master_weights"], r["variant"], r["path"], r["config"], r.get("block"),
+             r.get("stochastic", False)): r for r in data["kernels"]}
     return rows, data["weighted"]
 
 
@@ -59,9 +60,11 @@ def triton(tmp_path_factory):
     return _count(tmp_path_factory.mktemp("sass-triton"), "--backends", "triton", "--dtype", "float32")
 
 
-def _rows(counted, backend, variant, path="interior", config="default", dtype="float32", master=False):
+def _rows(counted, backend, variant, path="interior", config="default", dtype="float32", master=False,
+          stochastic=False):
     rows, _ = counted
-    found = [r for k, r in rows.items() if k[:6] == (backend, dtype, master, variant, path, config)]
+    found = [r for k, r in rows.items()
+             if k[:6] == (backend, dtype, master, variant, path, config) and k[7] == stochastic]
     assert found, (backend, variant, path, config)
     return found
 
@@ -84,6 +87,19 @@ def test_cuda_default_step_within_budget(cuda):
     # noise only draws one normal per element where the full step draws three
     (noise_only,) = _rows(cuda, "cuda", "gaussian-noise-only")
     assert noise_only["instructions_per_element"] < full["instructions_per_element"] / 2
+
+
+def test_cuda_bf16_stochastic_rounding_within_budget(cuda):
+    """Issue 26: bf16 without masters rounded stochastically (SPEC 2c) costs more than rounding to
+    nearest (the rounding bits, the compensated std) and at most SR_OVER_FP32 over the fp32 step."""
+    for variant in ("gaussian-full", "rademacher-full"):
+        (nearest,) = _rows(cuda, "cuda", variant, dtype="bfloat16")
+        (sr,) = _rows(cuda, "cuda", variant, dtype="bfloat16", stochastic=True)
+        assert sr["instructions_per_element"] > nearest["instructions_per_element"], (sr, nearest)
+        assert sr["spill_bytes"] == 0 and sr["divergent_branches"] == 0, sr
+    (fp32,) = _rows(cuda, "cuda", "gaussian-full")
+    (sr,) = _rows(cuda, "cuda", "gaussian-full", dtype="bfloat16", stochastic=True)
+    assert sr["instructions_per_element"] <= fp32["instructions_per_element"] + SR_OVER_FP32, (sr, fp32)
 
 
 def test_triton_default_step_within_budget_at_every_launcher_config(triton):
