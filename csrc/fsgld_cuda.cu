@@ -14,6 +14,7 @@ namespace cuda_kernels {
 // the build compiles them in parallel (not here: this file would then take them all, serially).
 extern template StepKernel step_kernel<float>(unsigned);
 extern template StepKernel step_kernel<c10::BFloat16>(unsigned);
+extern template StepKernel step_kernel<c10::BFloat16, true>(unsigned);
 extern template StepKernel step_kernel<c10::Half>(unsigned);
 }  // namespace cuda_kernels
 
@@ -40,13 +41,11 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                     bool stochastic_rounding) {
   check_fused_step(c10::DeviceType::CUDA, params, grads, momentum_buffers, masters, param_ids, offsets, momentum,
                    grad_scale, found_inf, step_t, lr_t);
-  TORCH_CHECK(!rounds_stochastically(params, masters, stochastic_rounding),
-              "fsgld: stochastic rounding is not implemented in the CUDA kernels yet");
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   fused_step_host(params, grads, momentum_buffers, masters, param_ids, offsets, seed, step, lr, weight_decay, momentum,
                   noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, step_t, lr_t, restore_rademacher,
-                  perturb_rademacher, GpuLaunch{c10::cuda::getCurrentCUDAStream()});
+                  perturb_rademacher, stochastic_rounding, GpuLaunch{c10::cuda::getCurrentCUDAStream()});
 }
 
 void perturb_cuda(at::TensorList params, at::TensorList masters, at::IntArrayRef param_ids, at::IntArrayRef offsets,
@@ -54,12 +53,10 @@ void perturb_cuda(at::TensorList params, at::TensorList masters, at::IntArrayRef
                   bool rademacher, int64_t rounding_op) {
   check_lists(c10::DeviceType::CUDA, params, {}, {}, masters, param_ids, offsets);
   check_rounding_op(rounding_op);
-  TORCH_CHECK(!rounds_stochastically(params, masters, rounding_op >= 0),
-              "fsgld: stochastic rounding is not implemented in the CUDA kernels yet");
   if (params.empty()) return;
   check_step_tensor(step_t, params[0].device());
   const c10::cuda::CUDAGuard guard(params[0].device());
-  perturb_host(params, masters, param_ids, offsets, seed, step, sigma, step_t, rademacher,
+  perturb_host(params, masters, param_ids, offsets, seed, step, sigma, step_t, rademacher, rounding_op,
                GpuLaunch{c10::cuda::getCurrentCUDAStream()});
 }
 

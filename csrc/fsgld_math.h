@@ -242,40 +242,67 @@ FSGLD_HD void rounding_words(const Stream& st_xi, uint32_t op, uint64_t rblock, 
   philox4x32_10(w[0], w[1], w[2], w[3], st_xi.k0, st_xi.k1);
 }
 
-// float32 -> bf16 bits rounded to nearest even, NaN -> 0x7fc0: c10::BFloat16's conversion.
+// float32 -> bf16 bits rounded to nearest even, NaN -> 0x7fc0: c10::BFloat16's conversion (on the
+// GPU the hardware's, one F2FP, as c10::BFloat16's there: NaN -> 0x7fff).
 FSGLD_HD uint16_t bf16_bits_nearest(float x) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  uint16_t b;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b) : "f"(x));
+  return b;
+#else
   const uint32_t u = float_to_bits(x);
   if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0u;
   return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+#endif
 }
 
 // float32 -> bf16 bits, rounded away from zero with probability (distance to the lower neighbour)
 // / ulp: the 16 random bits `r` added below bf16's last mantissa bit, then truncated. Non-finite
 // x, or a finite x that would become infinite, rounds to nearest (SPEC 2c). Both cases are
 // |x| + r >= 0x7f800000 in bits, and there |x| >= 0x7f7f0001 (an odd bf16 mantissa, so nearest
-// is + 0x8000, truncated) unless x is NaN. With bf16_rounding_variance's form below, the CPU step's
-// loop went 0.34 -> 0.244 perf samples per sample of its normal fills (both checked exhaustively
-// against the earlier forms: every exponent, every x with six r values, all r near the top).
+// is + 0x8000, truncated) unless x is NaN. The CPU form below, with an integer-clamp form of
+// bf16_rounding_variance (since replaced by the CUDA side's mask form, equal on every exponent, not
+// re-timed), took the CPU step's loop from 0.34 to 0.244 perf samples per sample of its normal
+// fills; each form was checked against the first one exhaustively (every exponent, every x with
+// six r values, all r near the top; the GPU form on 392M (x, r) pairs).
 FSGLD_HD uint16_t bf16_bits_stochastic(float x, uint32_t r) {
+#if defined(__CUDA_ARCH__)
+  // s's exponent is 0xff where x is inf or NaN or (s >> 16) infinite, except a NaN whose mantissa
+  // carries into the sign: two float compares (|s| not below inf, x unordered) instead of three
+  // integer ops (sm_90 SASS, bf16 stochastic Gaussian full step: 129.9 -> 129.0 instructions per element)
+  const uint32_t u = float_to_bits(x), s = u + r;
+  const bool special = !(fabsf(bits_to_float(s)) < INFINITY) || x != x;
+  const uint16_t nearest = bf16_bits_nearest(x);  // a select, not a lane-divergent branch on the GPU
+  return special ? nearest : (uint16_t)(s >> 16);
+#else  // one integer range test, which the CPU loop vectorizes (the form the perf figures above measured)
   const uint32_t u = float_to_bits(x);
   if ((u & 0x7FFFFFFFu) + r >= 0x7F800000u) return x != x ? 0x7FC0u : (uint16_t)((u + 0x8000u) >> 16);
   return (uint16_t)((u + r) >> 16);
+#endif
 }
 
 // ulp(theta)**2 / 6 with ulp = 2**(e - 7) (e: theta's unbiased float32 exponent; 2**-133 below
 // 2**-126), rounded as the reference computes it: (ulp * ulp) * float32(1/6).
 FSGLD_HD float bf16_rounding_variance(float theta) {
-  const int32_t e = (int32_t)((float_to_bits(theta) >> 23) & 0xFFu);  // biased
-  // 2**(e - 134): a normal float for e >= 8 (biased exponent e - 7). Below, ulp <= 2**-127 and
-  // its square rounds to 0 in float32 whatever ulp is, so 0 stands in (no subnormal branch).
-  const float ulp = bits_to_float((uint32_t)(e - 7 > 0 ? e - 7 : 0) << 23);
+  // |theta| truncated to its power of two, 2**(e - 127), times 2**-7: ulp exactly (a subnormal down to
+  // 2**-133); 0 below 2**-126, where the reference's 2**-133 squares to 0 all the same. A mask and a
+  // multiply instead of a clamp and a select of two bit patterns; equal on every float32 exponent.
+  const float ulp = bits_to_float(float_to_bits(theta) & 0x7F800000u) * 0x1p-7f;
   return (ulp * ulp) * (1.0f / 6.0f);
 }
 
 // The Langevin std that leaves room for the rounding's variance: sqrt(max(0, std**2 - ulp**2 / 6)).
 FSGLD_HD float compensated_noise_std(float theta, float std) {
   const float v = std * std - bf16_rounding_variance(theta);
+#if defined(__CUDA_ARCH__)
+  // sqrt.approx (one MUFU.SQRT): the std scales a normal that is itself accurate to NOISE_ATOL only;
+  // sqrtf's correctly rounded form calls a slow-path subroutine (for 0 and denormals) on every element
+  float s;
+  asm("sqrt.approx.ftz.f32 %0, %1;" : "=f"(s) : "f"(v > 0.0f ? v : 0.0f));
+  return s;
+#else
   return sqrtf(v > 0.0f ? v : 0.0f);
+#endif
 }
 
 // ---- SPEC section 3, one element -------------------------------------------------------------

@@ -571,7 +571,7 @@ def nvcc_flags(root: str) -> list[str]:
                 if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "NVCC_FLAGS")
 
 
-_FLAG_BITS = {"restore": 1, "noise": 2, "ahead": 4, "momentum": 8, "master": 16}  # StepFlags in the .cuh
+_FLAG_BITS = {"restore": 1, "noise": 2, "ahead": 4, "momentum": 8, "master": 16, "stochastic": 128}  # StepFlags
 _SIGN_BITS = {"restore": 32, "ahead": 64}  # kRestoreSigns, kAheadSigns: that perturbation is Rademacher
 
 
@@ -745,7 +745,7 @@ def count_cuda(root: str, workdir: str, variants=VARIANTS) -> list[dict]:
     rows = []
     for v in variants:
         fn = cuda_kernel_for(v, demangled)
-        if fn is None or v.stochastic:  # no StepFlags bit for SPEC 2c in this tree's CUDA kernels yet
+        if fn is None:
             continue
         runtime_flags = re.search(r"fused_step_kernel<[^<>]*, \d+u?>", demangled[fn]) is None
         instrs = parse_sass(disassemble(cubin, fn))

@@ -181,7 +181,41 @@ def check_noisy(ops, sizes=SIZES, offsets=OFFSETS, ids=IDS, seed=SEED, momentum=
     assert_within_one_ulp(params, ref_p, "restore_")
 
 
-def check_all(ops, n_tensors=len(SIZES)):
+class OnDevice:
+    """A backend's ops on `device`, called with the CPU tensors of these checks: every tensor argument
+    goes to the device, and every tensor list (params, buffers, masters) comes back into the CPU
+    tensors after the call, so the reference keeps running on the CPU."""
+
+    def __init__(self, ops, device):
+        self.ops, self.device = ops, torch.device(device)
+
+    def __getattr__(self, name):
+        fn = getattr(self.ops, name)
+
+        def call(*args, **kwargs):
+            lists = []
+
+            def to_device(x):
+                if isinstance(x, torch.Tensor):
+                    return x.to(self.device)
+                if isinstance(x, (list, tuple)) and x and all(isinstance(t, torch.Tensor) for t in x):
+                    lists.append((x, [t.to(self.device) for t in x]))
+                    return lists[-1][1]
+                return x
+
+            out = fn(*[to_device(a) for a in args], **{k: to_device(v) for k, v in kwargs.items()})
+            for cpu, dev in lists:
+                for a, b in zip(cpu, dev):
+                    a.copy_(b)
+            return out
+
+        return call
+
+
+def check_all(ops, n_tensors=len(SIZES), device="cpu"):
+    """Every check; `device`: where the ops run (their tensors are copied there and back)."""
+    if torch.device(device).type != "cpu":
+        ops = OnDevice(ops, device)
     lists = (SIZES[:n_tensors], OFFSETS[:n_tensors], IDS[:n_tensors])
     check_noise_free(ops, *lists)
     check_ignored_elsewhere(ops, *lists)

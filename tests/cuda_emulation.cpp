@@ -73,12 +73,10 @@ void fused_step_emu(at::TensorList params, at::TensorList grads, at::TensorList 
                     bool stochastic_rounding) {
   check_fused_step(c10::DeviceType::CPU, params, grads, momentum_buffers, masters, param_ids, offsets, momentum,
                    grad_scale, found_inf, step_t, lr_t);
-  TORCH_CHECK(!rounds_stochastically(params, masters, stochastic_rounding),
-              "fsgld: stochastic rounding is not implemented in the CUDA (emulated) kernels yet");
   if (params.empty()) return;
   fused_step_host(params, grads, momentum_buffers, masters, param_ids, offsets, seed, step, lr, weight_decay, momentum,
                   noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, step_t, lr_t, restore_rademacher,
-                  perturb_rademacher, CpuLaunch{});
+                  perturb_rademacher, stochastic_rounding, CpuLaunch{});
 }
 
 void perturb_emu(at::TensorList params, at::TensorList masters, at::IntArrayRef param_ids, at::IntArrayRef offsets,
@@ -86,11 +84,9 @@ void perturb_emu(at::TensorList params, at::TensorList masters, at::IntArrayRef 
                  bool rademacher, int64_t rounding_op) {
   check_lists(c10::DeviceType::CPU, params, {}, {}, masters, param_ids, offsets);
   check_rounding_op(rounding_op);
-  TORCH_CHECK(!rounds_stochastically(params, masters, rounding_op >= 0),
-              "fsgld: stochastic rounding is not implemented in the CUDA (emulated) kernels yet");
   if (params.empty()) return;
   check_step_tensor(step_t, params[0].device());
-  perturb_host(params, masters, param_ids, offsets, seed, step, sigma, step_t, rademacher, CpuLaunch{});
+  perturb_host(params, masters, param_ids, offsets, seed, step, sigma, step_t, rademacher, rounding_op, CpuLaunch{});
 }
 
 void normals_emu(at::Tensor out, int64_t seed, int64_t param_id, int64_t step, int64_t kind, int64_t offset) {

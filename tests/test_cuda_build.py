@@ -61,7 +61,8 @@ def test_cu_compiles_for_sm80_and_sm90(cu, objdir):
 @needs_nvcc
 @pytest.mark.skipif(find_tool("cuobjdump") is None or shutil.which("nm") is None, reason="needs cuobjdump and nm")
 def test_each_kernel_is_compiled_in_one_file(objdir):
-    """The fused step kernels (most of the build) sit in one file per param type and nowhere else:
+    """The fused step kernels (most of the build) sit in one file per param type (bf16 rounded
+    stochastically in a second one) and nowhere else:
     fsgld_cuda.cu only references them, through step_kernel<type>, which exactly one file defines.
     A kernel instantiated in two files would be compiled twice; one missing would not load."""
     kernels, defined, undefined = {}, {}, {}
@@ -80,13 +81,16 @@ def test_each_kernel_is_compiled_in_one_file(objdir):
     assert everywhere and not twice, twice  # no kernel compiled twice
     step = {f: [k for k in names if "fused_step_kernel" in k] for f, names in kernels.items()}
     types = {"float": "f", "bfloat16": "N3c108BFloat16E", "half": "N3c104HalfE"}  # S in the mangled names
+    # bf16 rounded stochastically (SPEC 2c, kStochastic = 128 in the flags) has a file of its own
+    files = {f"fsgld_cuda_step_{t}.cu": t for t in types} | {"fsgld_cuda_step_bfloat16_sr.cu": "bfloat16"}
     assert not step.pop("fsgld_cuda.cu")
-    assert sorted(step) == [f"fsgld_cuda_step_{t}.cu" for t in sorted(types)]
-    counts = {len(names) for names in step.values()}
+    assert sorted(step) == sorted(files)
+    counts = {len(step[f"fsgld_cuda_step_{t}.cu"]) for t in types}
     assert len(counts) == 1 and counts.pop() > 0, {f: len(n) for f, n in step.items()}  # every type, every flag set
-    for t, mangled in types.items():
-        assert all(k.startswith(f"_ZN5fsgld12cuda_kernels17fused_step_kernelI{mangled}")
-                   for k in step[f"fsgld_cuda_step_{t}.cu"]), t
-    assert sorted(undefined) == sorted(defined) and len(defined) == len(types), (defined, undefined)
-    assert all(files == ["fsgld_cuda.cu"] for files in undefined.values()), undefined
-    assert sorted(f for files in defined.values() for f in files) == [f"fsgld_cuda_step_{t}.cu" for t in sorted(types)]
+    for f, t in files.items():
+        assert step[f] and all(k.startswith(f"_ZN5fsgld12cuda_kernels17fused_step_kernelI{types[t]}") for k in step[f]), f
+        flags = [int(re.search(r"Lj(\d+)E", k).group(1)) for k in step[f]]
+        assert all(bool(x & 128) == f.endswith("_sr.cu") for x in flags), (f, flags)
+    assert sorted(undefined) == sorted(defined) and len(defined) == len(files), (defined, undefined)
+    assert all(users == ["fsgld_cuda.cu"] for users in undefined.values()), undefined
+    assert sorted(f for users in defined.values() for f in users) == sorted(files)

@@ -199,9 +199,19 @@ def test_misaligned_storage_takes_the_scalar_path(emu):
     assert base[0].item() == neighbour  # the element before the tensor is not written
 
 
-@pytest.mark.xfail(raises=RuntimeError, strict=True, reason="issue 26: kernels not yet")
 def test_stochastic_rounding_matches_spec_2c(emu):
     _sr_paths.check_all(emu)
+
+
+def test_stochastic_rounding_on_interior_chunks(emu):
+    """_sr_paths' tensors are shorter than a chunk: here whole chunks take the interior path, where
+    lane pairs share each rounding block's Philox call (at offset 4 the first chunk starts one
+    Gaussian block before the tensor, at the start of its rounding block)."""
+    sizes, offsets, ids = [2 * CHUNK + 13, CHUNK + 8], [4, 2**32 + 16], [1, 2]
+    before = chunk_paths()
+    _sr_paths.check_noise_free(emu, sizes, offsets, ids)
+    assert chunk_paths()[1] > before[1]
+    _sr_paths.check_noisy(emu, sizes, offsets, ids)
 
 
 def test_found_inf_changes_nothing(emu):

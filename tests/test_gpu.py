@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+import _sr_paths
 from conftest import ALLOWED_MISSING, AVAILABLE, INTERPRET
 from fsgld_fused import FSGLD, _backends
 from fsgld_fused import reference as R
@@ -301,3 +302,9 @@ def test_fused_step_across_launches_on_gpu(backend):
         p, g = [params[t][lo:hi].clone()], [grads[t][lo:hi].clone()]
         R.fused_step_(p, g, [], [ids[t]], *args, offsets=[offsets[t] + lo])
         assert_step_close(gpu[t][lo:hi].cpu(), p[0], 0.02 + 0.03 + 1e-3)
+
+
+def test_stochastic_rounding_matches_spec_2c_on_gpu():
+    # the CUDA kernels' SPEC 2c check of tests/test_cuda_emulation.py on the device (warp shuffles,
+    # the GPU's own sqrt and bf16 conversion), the reference on the CPU
+    _sr_paths.check_all(ops("cuda", torch.bfloat16), device="cuda")

@@ -22,9 +22,10 @@ import pytest
 from fsgld_fused import sass
 
 CUDA_MUST, TRITON_MUST, RADEMACHER_MUST = 105, 110, 60
-# SPEC 2c, Triton bf16 Gaussian full step rounded stochastically, over the fp32 row at the same
-# config: held 29 (measured 26.1 / 26.4 / 28.6 at B512 / B1024 / B2048); issue 26's target is 10
-TRITON_SR_OVER_FP32, SR_TARGET_OVER_FP32 = 29, 10
+# SPEC 2c, the bf16 Gaussian full step rounded stochastically, over the fp32 row at the same config:
+# held at the measured values (CUDA 129.0 - 104.0; Triton 26.1 / 26.4 / 28.6 at B512 / B1024 / B2048);
+# issue 26's target is 10
+CUDA_SR_OVER_FP32, TRITON_SR_OVER_FP32, SR_TARGET_OVER_FP32 = 25.5, 29, 10
 # tail (edge chunk of an aligned tensor) and unaligned paths over the interior, per backend
 EDGE_RATIO = {("cuda", "gaussian-full"): 1.2, ("cuda", "rademacher-full"): 1.65,
               ("triton", "gaussian-full"): 1.3, ("triton", "rademacher-full"): 1.55}
@@ -117,6 +118,28 @@ def test_cuda_default_step_within_budget(cuda):
     # noise only draws one normal per element where the full step draws three
     (noise_only,) = _rows(cuda, "cuda", "gaussian-noise-only")
     assert noise_only["instructions_per_element"] < full["instructions_per_element"] / 2
+
+
+def test_cuda_bf16_stochastic_rounding_counted(cuda):
+    """bf16 without masters rounded stochastically (SPEC 2c) is counted on its own kernel: more than
+    rounding to nearest (the rounding bits, the compensated std), no spills, no divergent branch."""
+    for variant in ("gaussian-full", "rademacher-full"):
+        (nearest,) = _rows(cuda, "cuda", variant, dtype="bfloat16")
+        (sr,) = _rows(cuda, "cuda", variant, dtype="bfloat16", stochastic=True)
+        assert sr["instructions_per_element"] > nearest["instructions_per_element"], (sr, nearest)
+        assert sr["spill_bytes"] == 0 and sr["divergent_branches"] == 0, sr
+    (fp32,) = _rows(cuda, "cuda", "gaussian-full")
+    (sr,) = _rows(cuda, "cuda", "gaussian-full", dtype="bfloat16", stochastic=True)
+    assert sr["instructions_per_element"] <= fp32["instructions_per_element"] + CUDA_SR_OVER_FP32, (sr, fp32)
+
+
+# sm_90: 129.0 against 104.0 + 10. Over bf16 nearest (107.7): int-mul +2.6 (a Philox call per 8 elements),
+# alu +10.5, fp32 +8.2, mufu +1.0 (rounding, compensated std); a shared per-exponent std table measured 125.2
+@pytest.mark.xfail(strict=True, reason="issue 26 target not met yet: 129.0 instructions per element")
+def test_cuda_bf16_stochastic_rounding_within_issue_26_budget(cuda):
+    (fp32,) = _rows(cuda, "cuda", "gaussian-full")
+    (sr,) = _rows(cuda, "cuda", "gaussian-full", dtype="bfloat16", stochastic=True)
+    assert sr["instructions_per_element"] <= fp32["instructions_per_element"] + SR_TARGET_OVER_FP32, (sr, fp32)
 
 
 def test_triton_default_step_within_budget_at_every_launcher_config(triton):
