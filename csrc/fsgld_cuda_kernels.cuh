@@ -91,7 +91,13 @@ __device__ __forceinline__ Vec4<T> load4(const T* x, bool vec, int lo, int hi) {
 template <typename T>
 __device__ __forceinline__ void store4(T* x, const Vec4<T>& r, bool vec, int lo, int hi) {
   if (vec) {
-    *reinterpret_cast<Vec4<T>*>(x) = r;
+    if constexpr (sizeof(T) == 2) {  // one 8-byte store: nvcc split the struct copy into 2-byte stores in a block
+      uint64_t bits;
+      __builtin_memcpy(&bits, &r, sizeof(bits));
+      *reinterpret_cast<uint64_t*>(x) = bits;
+    } else {
+      *reinterpret_cast<Vec4<T>*>(x) = r;
+    }
     return;
   }
 #pragma unroll
