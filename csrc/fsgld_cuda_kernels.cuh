@@ -92,7 +92,13 @@ __device__ __forceinline__ Vec4<T> load4(const T* x, bool vec, int lo, int hi) {
 template <typename T>
 __device__ __forceinline__ void store4(T* x, const Vec4<T>& r, bool vec, int lo, int hi) {
   if (vec) {
-    *reinterpret_cast<Vec4<T>*>(x) = r;
+    if constexpr (sizeof(T) == 2) {  // one 8-byte store: nvcc split the struct copy into 2-byte stores in a block
+      uint64_t bits;
+      __builtin_memcpy(&bits, &r, sizeof(bits));
+      *reinterpret_cast<uint64_t*>(x) = bits;
+    } else {
+      *reinterpret_cast<Vec4<T>*>(x) = r;
+    }
     return;
   }
 #pragma unroll
@@ -213,16 +219,28 @@ __device__ __forceinline__ void step_block(S* p, const S* g, B* buf, float* mast
   // xi comes scaled (noise_std * xi is xi), or unscaled for the per-element std of SPEC 2c
   if (noise) normal4(s_xi, blk_lo, blk_hi, xi, stochastic ? 1.0f : c.noise_std);
   if (ahead) perturbation4<(kFlags & kAheadSigns) != 0>(s_next, blk_lo, blk_hi, signs_n, c.perturb_sigma, d_n);
-  const Vec4<S> gv = load4(g + i0, vec, lo, hi);
+  Vec4<S> gv;
   Vec4<float> mv{};
   Vec4<S> pv{};
   Vec4<B> bv{};
-  if (has_master) {
-    mv = load4(master + i0, vec, lo, hi);  // the low-precision param is only written
+  const auto load_all = [&](bool v, int l0, int l1) {
+    gv = load4(g + i0, v, l0, l1);
+    if (has_master) {
+      mv = load4(master + i0, v, l0, l1);  // the low-precision param is only written
+    } else {
+      pv = load4(p + i0, v, l0, l1);
+    }
+    if (momentum) bv = load4(buf + i0, v, l0, l1);
+  };
+  // one branch per block on the access kind, not one per access (an edge's whole blocks of
+  // unaligned storage take unpredicated scalars; only a block straddling an end checks lanes)
+  if (vec) {
+    load_all(true, 0, 4);
+  } else if (lo == 0 && hi == 4) {
+    load_all(false, 0, 4);
   } else {
-    pv = load4(p + i0, vec, lo, hi);
+    load_all(false, lo, hi);
   }
-  if (momentum) bv = load4(buf + i0, vec, lo, hi);
   Vec4<S> out;
 #pragma unroll
   for (int l = 0; l < 4; ++l) {
@@ -238,9 +256,18 @@ __device__ __forceinline__ void step_block(S* p, const S* g, B* buf, float* mast
       out.v[l] = static_cast<S>(theta);
     }
   }
-  store4(p + i0, out, vec, lo, hi);
-  if (has_master) store4(master + i0, mv, vec, lo, hi);
-  if (momentum) store4(buf + i0, bv, vec, lo, hi);
+  const auto store_all = [&](bool v, int l0, int l1) {
+    store4(p + i0, out, v, l0, l1);
+    if (has_master) store4(master + i0, mv, v, l0, l1);
+    if (momentum) store4(buf + i0, bv, v, l0, l1);
+  };
+  if (vec) {
+    store_all(true, 0, 4);
+  } else if (lo == 0 && hi == 4) {
+    store_all(false, 0, 4);
+  } else {
+    store_all(false, lo, hi);
+  }
 }
 
 // The first Philox block of a tensor's chunk 0: its own first block, or with signs the first block
@@ -308,25 +335,41 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const __grid_const
     return;
   }
   FSGLD_TRACE_CHUNK_PATH(false);
-  // Edges: bounds checks per Philox block. Signs and rounding bits come from the same lane words
-  // (every lane takes part in the shuffles, so a lane past the tensor skips its block instead of
-  // leaving).
+  // Edges, in the chunk's coordinates: element e of the chunk (global index 4 chunk_first + e) is
+  // inside the tensor for lo_e <= e < hi_e, 32-bit compares. A block wholly inside takes whole
+  // accesses (vector if aligned, else four unpredicated scalars) at 32-bit offsets from per-thread
+  // base pointers, as the interior; only a block straddling an end checks its lanes. Signs come
+  // from the same lane words, and so do the rounding bits (every lane takes part in the
+  // shuffles, so a lane outside the tensor skips its block instead of leaving).
+  const int64_t start = chunk_first * 4 - off;  // local index of the chunk's element 0 (>= -127)
+  // this thread's first element is chunk element 4 threadIdx.x: its lanes inside are [lo_t, hi_t)
+  int lo_t = (start < 0 ? (int)-start : 0) - 4 * (int)threadIdx.x;
+  int hi_t = (int)(n - start < 4 * kChunkBlocks ? n - start : 4 * kChunkBlocks) - 4 * (int)threadIdx.x;
+  const bool aligned = tab.aligned[t];
+  int64_t base = start + 4 * (int64_t)threadIdx.x;
+#if defined(__CUDA_ARCH__)
+  // kept in registers: left to itself nvcc recomputes them from the 64-bit offsets in every block
+  asm("" : "+r"(lo_t), "+r"(hi_t), "+l"(base));
+#endif
+  S* pt = p + base;
+  const S* gt = g + base;
+  B* bt = (kFlags & kMomentum) ? buf + base : buf;
+  float* mt = (kFlags & kMaster) ? master + base : master;
   uint32_t rbits[2][2] = {};
 #pragma unroll
   for (int it = 0; it < kBlocksPerThread; ++it) {
-    const int64_t blk = chunk_first + (int64_t)it * kThreads + threadIdx.x;
+    const uint64_t blk = (uint64_t)chunk_first + (uint64_t)(it * kThreads) + threadIdx.x;
     const uint32_t signs_k = restore_signs ? sign_nibble(warp_sign_word(mine_k, s_eps, r0, lane, warp, it), blk) : 0u;
     const uint32_t signs_n = ahead_signs ? sign_nibble(warp_sign_word(mine_n, s_next, r0, lane, warp, it), blk) : 0u;
-    if (stochastic && it % 2 == 0) pair_rounding_words(s_xi, kRoundStep, (uint64_t)blk, lane, rbits[0], rbits[1]);
-    if (blk > last_blk) {
-      if (lockstep) continue;
+    if (stochastic && it % 2 == 0) pair_rounding_words(s_xi, kRoundStep, blk, lane, rbits[0], rbits[1]);
+    const int lo_it = lo_t - 4 * kThreads * it, hi_it = hi_t - 4 * kThreads * it;
+    const int lo = lo_it > 0 ? lo_it : 0, hi = hi_it < 4 ? hi_it : 4;  // lanes [lo, hi) inside
+    if (lo >= hi) {
+      if (lockstep) continue;  // a sign or rounding chunk's first blocks may precede the tensor
       break;
     }
-    if (lockstep && blk < first_blk) continue;  // a sign or rounding chunk's first blocks may precede the tensor
-    const int64_t i0 = blk * 4 - off;  // local index of lane 0 (negative for a shard's first block)
-    const int lo = i0 < 0 ? (int)-i0 : 0, hi = i0 + 4 > n ? (int)(n - i0) : 4;
-    step_block<S, B, kFlags>(p, g, buf, master, i0, (uint32_t)blk, (uint32_t)((uint64_t)blk >> 32),
-                             tab.aligned[t] && lo == 0 && hi == 4, lo, hi, s_eps, s_xi, s_next, signs_k, signs_n,
+    step_block<S, B, kFlags>(pt, gt, bt, mt, (int64_t)(4 * kThreads * it), (uint32_t)blk, (uint32_t)(blk >> 32),
+                             aligned && lo == 0 && hi == 4, lo, hi, s_eps, s_xi, s_next, signs_k, signs_n,
                              rbits[it % 2], c);
   }
 }

@@ -389,8 +389,15 @@ def _fused_step_kernel(
                        inv_scale, P_DTYPE, B_DTYPE, P_SOFT, B_SOFT, HAS_MASTER, HAS_MOMENTUM, HAS_SCALE, RESTORE,
                        NOISE, AHEAD, WEIGHT_DECAY, RESTORE_SIGNS, AHEAD_SIGNS, STOCHASTIC, False)
     else:
-        _step_elements(p_addr.to(tl.pointer_type(P_DTYPE)), g_addr.to(tl.pointer_type(P_DTYPE)),
-                       b_addr.to(tl.pointer_type(B_DTYPE)), m_addr.to(tl.pointer_type(tl.float32)), idx, mask,
+        # Edges: 32-bit offsets from the program's element 0 (local index `start`, negative where
+        # the program begins before the tensor) and two 32-bit compares per element.
+        start = blk0 * 4 - off
+        lo = tl.maximum(-start, 0).to(tl.int32)
+        hi = tl.minimum(n - start, 4 * BLOCK).to(tl.int32)
+        loc = rows[:, None] * 4 + tl.arange(0, 4)[None, :]
+        _step_elements(p_addr.to(tl.pointer_type(P_DTYPE)) + start, g_addr.to(tl.pointer_type(P_DTYPE)) + start,
+                       b_addr.to(tl.pointer_type(B_DTYPE)) + start, m_addr.to(tl.pointer_type(tl.float32)) + start,
+                       loc, (loc >= lo) & (loc < hi),
                        e_k, xi, e_n, rbits, lr, weight_decay, momentum, noise_std, restore_sigma, perturb_sigma,
                        inv_scale, P_DTYPE, B_DTYPE, P_SOFT, B_SOFT, HAS_MASTER, HAS_MOMENTUM, HAS_SCALE, RESTORE,
                        NOISE, AHEAD, WEIGHT_DECAY, RESTORE_SIGNS, AHEAD_SIGNS, STOCHASTIC, True)
