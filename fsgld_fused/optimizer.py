@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import sys
 import warnings
+import weakref
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -49,12 +52,26 @@ def rounding_threshold(variance: float) -> float:
     """The smallest |theta| whose bf16 rounding variance ulp(theta)**2 / 6 exceeds the Langevin
     `variance` 2 lr / beta (a power of two, ulp = 2**(e - 7)); 0.0 when every value's does (the ulp
     stops shrinking at 2**-133 below 2**-126)."""
+    if not variance > 0.0:
+        return 0.0
     e = math.floor((math.log2(6.0 * variance) + 14.0) / 2.0)  # 2**(2e - 14) / 6 ~ variance
     while 2.0 ** (2 * e - 14) / 6.0 > variance:
         e -= 1
     while not 2.0 ** (2 * e - 14) / 6.0 > variance:
         e += 1
     return 0.0 if e <= -126 else 2.0**e
+
+
+_INTERNAL = (os.path.dirname(os.path.abspath(__file__)) + os.sep, os.path.dirname(torch.__file__) + os.sep)
+
+
+def _caller_stacklevel() -> int:
+    """warnings.warn's stacklevel of the first frame outside fsgld_fused and torch (the code that
+    called step(), through any wrappers torch puts around it), counted from the caller of this."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def coupled_sigma(beta: float, eta: float) -> float:
@@ -449,36 +466,45 @@ class FSGLD(Optimizer):
 
     def _check_temperature(self, plans: list[_GroupPlan]) -> None:
         """Warn (TemperatureWarning) where a group's stochastically rounded bf16 weights cannot reach
-        the temperature: |theta| >= rounding_threshold(2 lr / beta). One pass over those weights when
-        the threshold (a power of two: a schedule's lr rarely crosses one) or the planned params and
-        dtypes change; otherwise a float comparison per group."""
+        the temperature: |theta| >= rounding_threshold(2 lr / beta). One pass over those weights (one
+        host sync per device) when the threshold falls below the lowest one checked for the group's
+        params and dtypes: a decaying or cyclical lr scans at most once per factor of 4 of its first
+        descent, then never. Otherwise one float comparison per group."""
         if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
             return  # a compiled or captured step: counting would sync the host
         checked = self._cache.setdefault("temperature", {})
         for gi, plan in enumerate(plans):
             group = plan.group
             lr, beta = group["lr"], group["beta"]
-            if isinstance(lr, torch.Tensor) or lr == 0.0 or beta == math.inf:  # no noise: no temperature
+            if isinstance(lr, torch.Tensor):
+                continue  # an lr read on the device (capturable): not checked (a host sync at every change)
+            variance = 2.0 * lr / beta
+            if not variance > 0.0:  # no noise (lr 0, beta inf, or an underflow): no temperature to reach
                 continue
-            threshold = rounding_threshold(2.0 * lr / beta)
-            last = checked.get(gi)
-            if last is not None and last[0] == threshold and last[1] is plan:
+            threshold = rounding_threshold(variance)
+            last = checked.get(gi)  # (lowest threshold checked, the plan (weakly), its weights' layout)
+            if last is not None and threshold >= last[0] and last[1]() is plan:
                 continue
             weights = [t for key, call in plan.stepped.items() if call.stochastic and key[-1] for t in call.params]
             layout = [(t.data_ptr(), t.dtype, t.numel()) for t in weights]
-            fresh = last is None or last[0] != threshold or last[2] != layout
-            checked[gi] = (threshold, plan, layout)
-            total = sum(t.numel() for t in weights)
-            if not fresh or total == 0:
+            if last is not None and last[2] == layout and threshold >= last[0]:
+                checked[gi] = (last[0], weakref.ref(plan), layout)  # a new plan over the same weights
                 continue
-            affected = int(sum(torch.count_nonzero(t.abs() >= threshold).cpu() for t in weights))
+            checked[gi] = (threshold, weakref.ref(plan), layout)
+            total = sum(t.numel() for t in weights)
+            if total == 0:
+                continue
+            per_device: dict[torch.device, list[torch.Tensor]] = {}
+            for t in weights:
+                per_device.setdefault(t.device, []).append(torch.count_nonzero(t.abs() >= threshold))
+            affected = sum(int(torch.stack(counts).sum()) for counts in per_device.values())
             if affected:
                 warnings.warn(
                     f"FSGLD param group {gi}: {affected / total:.1%} of its bf16 weights without masters "
                     f"({affected} of {total} elements, |theta| >= {threshold:g}) round with more variance "
-                    f"(ulp**2/6) than the Langevin noise adds (2*lr/beta = {2.0 * lr / beta:.3g}): they cannot "
+                    f"(ulp**2/6) than the Langevin noise adds (2*lr/beta = {variance:.3g}): they cannot "
                     "sample at the temperature 1/beta (SPEC 2c). Use master_weights=True for this group.",
-                    TemperatureWarning, stacklevel=4)  # the caller of step()
+                    TemperatureWarning, stacklevel=_caller_stacklevel())
 
     def _perturbations_per_step(self) -> tuple[int, bool]:
         """(n_pert, antithetic): one closure evaluation perturbs every group, so all agree."""

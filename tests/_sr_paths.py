@@ -212,6 +212,21 @@ class OnDevice:
         return call
 
 
+def check_std_from_the_clean_theta(ops, *_lists, seed=SEED):
+    """The compensated std is the clean weight's, before the update (SPEC 2c): weights just below 2
+    whose update crosses into the next binade (ulp 2**-7 -> 2**-6) tell it apart from the updated
+    weight's (a std of 0.45 ulp of the upper binade: compensated 6.3e-3 from the clean weight, 3.0e-3
+    from the updated one)."""
+    n = 2000
+    params = [torch.full((n,), 2.0 - 2.0**-7, dtype=torch.bfloat16)]
+    grads = [torch.full((n,), -2.0, dtype=torch.bfloat16)]
+    ref = [params[0].clone()]
+    args = ([3], seed, 1, LR, 0.0, 0.0, 0.45 * 2.0**-6, 0.0, 0.0)
+    ops.fused_step_(params, grads, [], *args, offsets=[5], stochastic_rounding=True)
+    R.fused_step_(ref, grads, [], *args, offsets=[5], stochastic_rounding=True)
+    assert_within_one_ulp(params, ref, "fused_step_ across a binade")
+
+
 def check_all(ops, n_tensors=len(SIZES), device="cpu"):
     """Every check; `device`: where the ops run (their tensors are copied there and back)."""
     if torch.device(device).type != "cpu":
@@ -221,3 +236,4 @@ def check_all(ops, n_tensors=len(SIZES), device="cpu"):
     check_ignored_elsewhere(ops, *lists)
     check_noisy(ops, *lists)
     check_noisy(ops, *lists, momentum=0.9)
+    check_std_from_the_clean_theta(ops)

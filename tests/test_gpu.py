@@ -304,7 +304,8 @@ def test_fused_step_across_launches_on_gpu(backend):
         assert_step_close(gpu[t][lo:hi].cpu(), p[0], 0.02 + 0.03 + 1e-3)
 
 
-def test_stochastic_rounding_matches_spec_2c_on_gpu():
-    # the CUDA kernels' SPEC 2c check of tests/test_cuda_emulation.py on the device (warp shuffles,
-    # the GPU's own sqrt and bf16 conversion), the reference on the CPU
-    _sr_paths.check_all(ops("cuda", torch.bfloat16), device="cuda")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_stochastic_rounding_matches_spec_2c_on_gpu(backend):
+    # the kernels' SPEC 2c check (tests/test_cuda_emulation.py, the Triton interpreter) on the device:
+    # warp shuffles, the GPU's own sqrt and bf16 conversion, compiled Triton; the reference on the CPU
+    _sr_paths.check_all(ops(backend, torch.bfloat16), device="cuda")

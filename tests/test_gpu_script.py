@@ -101,11 +101,13 @@ def test_dry_run_walks_every_step(tmp_path):
         assert ROW_KEYS <= set(r), r
         assert r["min_s"] <= r["median_s"] and r["iqr_s"] >= 0
     # the steps' rows in the order asked for: 64K fp32, host-bound (100 and 1000 tensors of 16),
-    # 64K bf16 (masters), 256K fp32
+    # 64K bf16 (with masters, then without: stochastic rounding), 256K fp32
     headline = ["device copy", "SGD fused", "FSGLD cpu", "FSGLD cpu rademacher", "naive fSGLD (eager)"]
     host = [("float32", v) for v in ("SGD fused", "FSGLD cpu", "FSGLD auto (defaults)")]
+    bf16_rows = ["device copy", "SGD fused", "FSGLD cpu"]
     assert [(r["dtype"], r["variant"]) for r in rows] == (
-        [("float32", v) for v in headline] + host + host + [("bfloat16", v) for v in headline]
+        [("float32", v) for v in headline] + host + host + [("bfloat16", v) for v in bf16_rows]
+        + [("bfloat16-sr", v) for v in bf16_rows]
         + [("float32", v) for v in ("device copy", "SGD fused", "FSGLD cpu", "naive fSGLD (eager)")])
     assert [(r["params"], r["tensors"]) for r in rows if r["layout"] == "host"] == [(1600, 100)] * 3 + [(16000, 1000)] * 3
     rows = [r for r in rows if r["layout"] != "host"]
@@ -119,6 +121,8 @@ def test_dry_run_walks_every_step(tmp_path):
     assert by[("float32", small, "FSGLD cpu")]["bytes_per_param"] == 12
     bf16 = by[("bfloat16", small, "FSGLD cpu")]
     assert bf16["bytes_per_param"] == 12 and bf16["master_weights"]
+    bf16_sr = by[("bfloat16-sr", small, "FSGLD cpu")]
+    assert bf16_sr["bytes_per_param"] == 6 and not bf16_sr["master_weights"]
     # the short table is printed last
     tail = res.stdout.strip().splitlines()
     assert tail[-1].startswith("gpu.sh: all steps passed")

@@ -156,7 +156,8 @@ def test_every_path_with_offsets_masters_weight_decay_momentum_scale(backend, ca
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_stochastic_rounding_matches_spec_2c(backend):
-    _sr_paths.check_all(ops(backend, torch.bfloat16), 4 if backend == "triton" else len(_sr_paths.SIZES))
+    # every tensor, Triton too: the 4107-element one at offset 16 is the only one with unmasked programs
+    _sr_paths.check_all(ops(backend, torch.bfloat16))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

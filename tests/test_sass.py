@@ -25,7 +25,7 @@ CUDA_MUST, TRITON_MUST, RADEMACHER_MUST = 105, 110, 60
 # SPEC 2c, the bf16 Gaussian full step rounded stochastically, over the fp32 row at the same config:
 # held at the measured values (CUDA 128.7 - 103.7; Triton 26.4 / 27.2 / 29.0 at B512 / B1024 / B2048);
 # issue 26's target is 10
-CUDA_SR_OVER_FP32, TRITON_SR_OVER_FP32, SR_TARGET_OVER_FP32 = 25.5, 29.5, 10
+CUDA_SR_OVER_FP32, TRITON_SR_OVER_FP32, SR_TARGET_OVER_FP32 = 26, 29.5, 10
 # tail (edge chunk of an aligned tensor) and unaligned paths over the interior, per backend
 # (measured: CUDA 1.08 / 1.12 Gaussian, 1.13 / 1.20 Rademacher; Triton 1.12, 1.22)
 EDGE_RATIO = {("cuda", "gaussian-full"): 1.12, ("cuda", "rademacher-full"): 1.21,

@@ -146,8 +146,9 @@ import _sr_paths  # noqa: E402
 class _Mutant:
     """The reference with one thing wrong, as a backend's ops."""
 
-    def __init__(self, nearest=False, plain_std=False, restore_op=R.RESTORE_OP):
+    def __init__(self, nearest=False, plain_std=False, restore_op=R.RESTORE_OP, std_after_update=False):
         self.nearest, self.plain_std, self.restore_op = nearest, plain_std, restore_op
+        self.std_after_update = std_after_update
 
     def _sr(self, kw):
         if self.nearest:
@@ -164,6 +165,14 @@ class _Mutant:
         R.perturb_(params, ids, seed, step, -sigma, _op=self.restore_op, **kw)
 
     def fused_step_(self, *args, **kw):
+        if self.std_after_update:  # the std of the updated weight (theta - lr * g), not the clean one
+            grads, lr = iter(args[1]), args[6]
+            saved = R.compensated_noise_std
+            R.compensated_noise_std = lambda theta, std: saved(theta - lr * next(grads).float(), std)
+            try:
+                return R.fused_step_(*args, **self._sr(kw))
+            finally:
+                R.compensated_noise_std = saved
         if self.plain_std:
             saved, R.compensated_noise_std = R.compensated_noise_std, lambda theta, std: std
             try:
@@ -182,6 +191,7 @@ def test_the_backend_check_passes_the_reference():
     (dict(restore_op=R.PERTURB_OP), _sr_paths.check_noise_free),
     (dict(nearest=True), _sr_paths.check_noisy),
     (dict(plain_std=True), _sr_paths.check_noisy),
+    (dict(std_after_update=True), _sr_paths.check_std_from_the_clean_theta),
 ])
 def test_the_backend_check_catches(mutant, check):
     with pytest.raises(AssertionError):
@@ -290,13 +300,19 @@ def test_unreachable_temperature_warns_once_per_threshold_with_the_group_and_fra
     msg = str(w.message)
     assert "param group 1" in msg and f"{expected} of 4000" in msg and f"{expected / 4000:.1%}" in msg
     assert "master_weights=True" in msg
+    assert w.filename == __file__  # the caller of step(), not torch's wrappers around it
     assert not _step_collecting(opt, params + clean, 1)  # no new pass: same threshold, same weights
     opt.param_groups[1]["lr"] = 1.1e-3  # the same power of two
     assert not _step_collecting(opt, params + clean, 2)
     opt.param_groups[1]["lr"] = 1e-5  # a lower threshold: checked again
     assert len(_step_collecting(opt, params + clean, 3)) == 1
-    opt.param_groups[1]["lr"] = 10.0  # every weight is below the threshold: nothing to say
+    opt.param_groups[1]["lr"] = 1e-3  # back up (a cyclical lr): the lowest threshold was checked already
     assert not _step_collecting(opt, params + clean, 4)
+    opt.param_groups[1]["lr"] = 1e-5
+    assert not _step_collecting(opt, params + clean, 5)
+    fresh = _bf16_params((4000,), scale=2.0)
+    big = FSGLD(fresh, lr=10.0, beta=1e3, sigma=0.0, backend="reference")
+    assert not _step_collecting(big, fresh)  # every weight below the threshold: nothing to say
 
 
 def test_no_warning_where_the_temperature_is_reachable_or_not_asked_for():
