@@ -84,12 +84,17 @@ def chain_from_state_dict(opt, state_dict: dict[str, Any]) -> dict[str, Any]:
     # fp32 momentum buffers that go with them) are put back in fp32 from the source.
     fp32 = {pos: {k: state[idx][k] for k in ("master", "momentum_buffer") if k in state[idx]}
             for pos, idx in enumerate(saved_ids) if "master" in state.get(idx, {})}
-    opt._loading = {"seed": _check_seed(seed), "step": int(step), "skipped_steps": int(skipped), "fp32": fp32}
+    # A checkpoint from before the rounding option (SPEC 2c) rounded bf16 to nearest: it resumes so.
+    nearest = [gi for gi, g in enumerate(groups) if "rounding" not in g]
+    opt._loading = {"seed": _check_seed(seed), "step": int(step), "skipped_steps": int(skipped), "fp32": fp32,
+                    "nearest": nearest}
     return state_dict
 
 def chain_after_load(opt) -> None:
     loading = opt.__dict__.pop("_loading")
     opt._drop_plan()
+    for gi in loading["nearest"]:
+        opt.param_groups[gi]["rounding"] = "nearest"
     for group in opt.param_groups:  # checkpoints from before an option existed
         for key, value in opt.defaults.items():
             group.setdefault(key, value)

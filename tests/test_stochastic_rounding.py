@@ -476,3 +476,21 @@ def test_readme_rounding_blocks():
     opt.step()
     assert all(set(opt.state[p]) & {"master"} == set() for p in params)
     assert all(opt.state[p]["momentum_buffer"].dtype == torch.bfloat16 for p in params)
+
+
+def test_a_checkpoint_from_before_the_option_resumes_rounding_to_nearest():
+    params = _bf16_params()
+    opt = FSGLD(params, lr=1e-3, beta=1e5, seed=3, backend="reference")
+    _grads(params, 0)
+    opt.step()
+    old = copy.deepcopy(opt.state_dict())
+    for group in old["param_groups"]:
+        del group["rounding"]  # saved by a version without the option: it rounded to nearest
+    resumed = FSGLD([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-3, beta=1e5,
+                    backend="reference")
+    resumed.load_state_dict(old)
+    assert resumed.param_groups[0]["rounding"] == "nearest"
+    current = FSGLD([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-3, beta=1e5,
+                    backend="reference", rounding="nearest")
+    current.load_state_dict(copy.deepcopy(opt.state_dict()))  # saved with the option: its value stands
+    assert current.param_groups[0]["rounding"] == "stochastic"
