@@ -39,7 +39,8 @@ import warnings
 import torch
 
 from fsgld_fused import FSGLD, TemperatureWarning, bayes
-from fsgld_fused._files import check_output_file, replace_file
+from fsgld_fused import _cli
+from fsgld_fused._files import replace_file
 from fsgld_fused.demo import evaluate, load_digits_split, mlp
 
 STORAGES = {  # name: (param dtype, FSGLD options)
@@ -117,13 +118,9 @@ def main(argv=None) -> int:
     parser.add_argument("--probe", type=int, default=8, help="Hutchinson probe vectors for tr(H)")
     parser.add_argument("--backend", default="auto", help="FSGLD's backend for every row but bf16 stochastic")
     parser.add_argument("--stochastic-backend", default="auto", help="FSGLD's backend for the bf16-stochastic row")
-    parser.add_argument("--out", default=None, help="JSON file to write (a regular file or absent)")
+    parser.add_argument("--out", type=_cli.output_file, default=None,
+                        help="JSON file to write (a regular file or absent)")
     args = parser.parse_args(argv)
-    if args.out:
-        try:
-            check_output_file(args.out)
-        except ValueError as exc:
-            parser.error(f"--out: {exc}")
     torch.set_num_threads(1)  # as the demo: a small MLP on batches of 32 has nothing to split
     data = load_digits_split()
     t0 = time.perf_counter()

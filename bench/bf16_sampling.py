@@ -34,7 +34,8 @@ import torch
 
 from fsgld_fused import FSGLD, TemperatureWarning
 from fsgld_fused import reference as R
-from fsgld_fused._files import check_output_file, replace_file
+from fsgld_fused import _cli
+from fsgld_fused._files import replace_file
 
 MU, LR = 1.25 + 0.37 * 2.0**-7, 0.01  # mu between two bf16 values: nearest rounding then biases the mean
 ULP = 2.0**-7  # bf16's ulp in [1, 2)
@@ -124,13 +125,9 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", default="reference",
                         help="FSGLD's backend for every row (the fp32-buffer row always calls the reference)")
     parser.add_argument("--no-momentum", action="store_true", help="skip the momentum rows")
-    parser.add_argument("--out", default=None, help="JSON file to write (a regular file or absent)")
+    parser.add_argument("--out", type=_cli.output_file, default=None,
+                        help="JSON file to write (a regular file or absent)")
     args = parser.parse_args(argv)
-    if args.out:
-        try:
-            check_output_file(args.out)
-        except ValueError as exc:
-            parser.error(f"--out: {exc}")
     torch.set_num_threads(1)  # 4096 elements: nothing to split
     t0 = time.perf_counter()
     rows: list[dict] = []

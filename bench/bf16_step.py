@@ -19,7 +19,7 @@ import time
 import torch
 
 from fsgld_fused import _cli
-from fsgld_fused._files import check_output_file, replace_file
+from fsgld_fused._files import replace_file
 from fsgld_fused._ops import cpu_ops
 from fsgld_fused.benchmark import make_tensors
 
@@ -71,10 +71,8 @@ def main() -> None:
     ap.add_argument("--size", type=_cli.size_list, default=[64 << 20], help="params (transformer layout)")
     ap.add_argument("--repeat", type=int, default=15)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--json", help="also write the figures here (a regular file or a new path)")
+    ap.add_argument("--json", type=_cli.output_file, help="also write the figures here (a regular file or a new path)")
     args = ap.parse_args()
-    if args.json:
-        check_output_file(args.json)  # refused before any work
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()

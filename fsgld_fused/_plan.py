@@ -30,7 +30,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from . import _backends
-from .reference import substream_offset
+from .reference import rounds_stochastically as _spec_2c_applies, substream_offset
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -231,7 +231,7 @@ def _touchable(p: torch.Tensor) -> bool:
 
 def rounds_stochastically(group: dict[str, Any], p: torch.Tensor, master: Optional[torch.Tensor]) -> bool:
     """SPEC 2c applies to a bf16 param without a master in a group with rounding="stochastic"."""
-    return group["rounding"] == "stochastic" and p.dtype == torch.bfloat16 and master is None
+    return _spec_2c_applies(p, () if master is None else (master,), group["rounding"] == "stochastic")
 
 
 def _shift_call(opt, calls: dict, group, p, pid, applied: tuple[float, bool], view, master,

@@ -38,6 +38,7 @@ __all__ = [
     "round_bf16_stochastic",
     "bf16_ulp",
     "compensated_noise_std",
+    "rounds_stochastically",
     "perturb_",
     "restore_",
     "fused_step_",
@@ -171,8 +172,10 @@ def compensated_noise_std(theta: torch.Tensor, noise_std: float) -> torch.Tensor
     return torch.sqrt(torch.clamp(std * std - ulp * ulp * torch.tensor(1.0 / 6.0, dtype=torch.float32), min=0.0))
 
 
-def _stochastic(p: torch.Tensor, masters, stochastic_rounding: bool) -> bool:
-    return stochastic_rounding and p.dtype == torch.bfloat16 and not masters
+def rounds_stochastically(p: torch.Tensor, masters, stochastic_rounding: bool) -> bool:
+    """Whether SPEC 2c applies to param p: asked for, bf16, and no masters (elsewhere the flag is
+    ignored). Every Python backend and the optimizer's plan ask this one function."""
+    return bool(stochastic_rounding) and p.dtype == torch.bfloat16 and not masters
 
 
 def _write_rounded_(p, theta, seed, pid, step, op, off):
@@ -215,7 +218,7 @@ def perturb_(
     for i, (p, pid, off) in enumerate(zip(params, param_ids, offs)):
         clean = masters[i] if masters else p.to(_math_dtype(p))
         eps = _noise_like(p, seed, pid, step, EPS, off, rademacher).to(clean.dtype)
-        if _stochastic(p, masters, stochastic_rounding):
+        if rounds_stochastically(p, masters, stochastic_rounding):
             _write_rounded_(p, clean + sigma * eps, seed, pid, step, _op, off)
         else:
             p.copy_(clean + sigma * eps)
@@ -296,7 +299,7 @@ def fused_step_(
             theta = p.to(math_dtype)
             if restore_sigma != 0.0:
                 theta = theta - restore_sigma * noise(step, EPS, restore_rademacher)
-        stochastic = _stochastic(p, masters, stochastic_rounding)  # std from the clean theta (SPEC 2c)
+        stochastic = rounds_stochastically(p, masters, stochastic_rounding)  # std from the clean theta (SPEC 2c)
         std = compensated_noise_std(theta, noise_std) if stochastic else noise_std
         d = g.to(math_dtype)
         if inv_scale is not None:

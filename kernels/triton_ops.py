@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .._ops import _offsets, _seed_arg
 from ..baselines import median, time_fn
-from ..reference import PERTURB_OP, RESTORE_OP
+from ..reference import PERTURB_OP, RESTORE_OP, rounds_stochastically
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -336,14 +336,15 @@ def _fused_step_kernel(
         inv_scale = 1.0 / tl.load(grad_scale_ptr)
     SIGNS: tl.constexpr = (RESTORE and RESTORE_SIGNS) or (AHEAD and AHEAD_SIGNS)  # rows as in _sign_rows
     PAIRS: tl.constexpr = STOCHASTIC and not SIGNS  # rows as in _pair_rows
-    t, blk0, rows, blk, idx, mask, pid = _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr,
-                                                BLOCK, SIGNS, PAIRS)
+    # the elements are addressed from the program's first one below (interior and edges alike)
+    t, blk0, rows, blk, _, _, pid = _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr,
+                                           BLOCK, SIGNS, PAIRS)
     # The three streams first (unused ones are zeros the compiler drops), then the memory: each
     # already times its scale (sigma_k, noise_std, sigma_{k+1}; signs as sigma * eps, SPEC 2b).
-    e_k = tl.zeros(idx.shape, tl.float32)
-    xi = tl.zeros(idx.shape, tl.float32)
-    e_n = tl.zeros(idx.shape, tl.float32)
-    rbits = tl.zeros(idx.shape, tl.uint32)
+    e_k = tl.zeros((BLOCK, 4), tl.float32)
+    xi = tl.zeros((BLOCK, 4), tl.float32)
+    e_n = tl.zeros((BLOCK, 4), tl.float32)
+    rbits = tl.zeros((BLOCK, 4), tl.uint32)
     if RESTORE:  # only without masters: the master is never perturbed
         if RESTORE_SIGNS:
             e_k = _sigma_signs(restore_sigma, seed, blk0, step, pid * 2, BLOCK)
@@ -738,11 +739,6 @@ def _launch_step(params, grads, bufs, masters, param_ids, offsets, seed, step, l
 _U64 = (1 << 64) - 1
 
 
-def _rounds_stochastically(params, masters, asked: bool) -> bool:
-    """SPEC 2c applies to bf16 params without masters; elsewhere the flag is ignored."""
-    return bool(asked) and params[0].dtype == torch.bfloat16 and not masters
-
-
 @torch.library.custom_op("fsgld_triton::perturb_", mutates_args=("params",))
 def _perturb_op(params: list[torch.Tensor], masters: list[torch.Tensor], param_ids: list[int], offsets: list[int],
                 seed: int, step: int, sigma: float, step_t: Optional[torch.Tensor], rademacher: bool,
@@ -752,7 +748,7 @@ def _perturb_op(params: list[torch.Tensor], masters: list[torch.Tensor], param_i
 
 
 def _launch_perturb(params, masters, param_ids, offsets, seed, step, sigma, step_t, rademacher=False, rounding_op=-1):
-    stochastic = _rounds_stochastically(params, masters, rounding_op >= 0)
+    stochastic = rounds_stochastically(params[0], masters, rounding_op >= 0)
     block, warps = _tuned_block(params[0].device, params[0].dtype, sum(p.numel() for p in params))
     n_chunks, chunk_t, chunk_i, numel, offs, pids, p_addr, _, _, m_addr, _ = _table(
         params, [], [], masters, param_ids, offsets, block, rademacher, stochastic and not rademacher
@@ -779,7 +775,7 @@ def _fused_step_op(params: list[torch.Tensor], grads: list[torch.Tensor], moment
         _launch_step(params, grads, momentum_buffers, masters, param_ids, offsets, seed & _U64, step, lr,
                      weight_decay, momentum, noise_std, restore_sigma, perturb_sigma, grad_scale, found_inf, block,
                      warps, step_t, lr_t, restore_rademacher, perturb_rademacher,
-                     _rounds_stochastically(params, masters, stochastic_rounding))
+                     rounds_stochastically(params[0], masters, stochastic_rounding))
 
 
 @_perturb_op.register_fake

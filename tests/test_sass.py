@@ -52,8 +52,7 @@ def cuda(tmp_path_factory):
     return _count(tmp_path_factory.mktemp("sass-cuda"), "--backends", "cuda")
 
 
-@pytest.fixture(scope="module")
-def triton(tmp_path_factory):
+def _need_triton_sass():
     pytest.importorskip("triton")
     try:
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
@@ -61,6 +60,11 @@ def triton(tmp_path_factory):
         pytest.skip("Triton's NVIDIA backend is not installed")
     if sass.find_tool("cuobjdump") is None:
         pytest.skip("cuobjdump absent")
+
+
+@pytest.fixture(scope="module")
+def triton(tmp_path_factory):
+    _need_triton_sass()
     return _count(tmp_path_factory.mktemp("sass-triton"), "--backends", "triton", "--dtype", "float32")
 
 
@@ -76,13 +80,7 @@ def _rows(counted, backend, variant, path="interior", config="default", dtype="f
 @pytest.fixture(scope="module")
 def triton_gaussian(tmp_path_factory):
     """The Triton Gaussian full step in fp32 and bf16 (to nearest, stochastic rounding, masters)."""
-    pytest.importorskip("triton")
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except ImportError:
-        pytest.skip("Triton's NVIDIA backend is not installed")
-    if sass.find_tool("cuobjdump") is None:
-        pytest.skip("cuobjdump absent")
+    _need_triton_sass()
     return _count(tmp_path_factory.mktemp("sass-triton-gaussian"), "--backends", "triton", "--variant", "gaussian-full")
 
 
