@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import torch
+from torch.optim.optimizer import required
 
 from . import _backends
 from .reference import rounds_stochastically as _spec_2c_applies, substream_offset
@@ -349,7 +350,7 @@ def _cached_plan(opt) -> tuple[list[_GroupPlan], dict, list]:
         opt._cache["plan"] = plan if plan.reusable else None
     else:
         for group in opt.param_groups:
-            check_lr(group)
+            check_scheduled(group)
         plan.bind(grads)
     return plan.groups, plan.new_state, plan.applied
 
@@ -375,10 +376,16 @@ def _storage(params: list, dtensor: bool) -> list:
                     map(torch.Tensor.numel, params)))
 
 
+# Float hyperparameters the launch reads at every step (schedulers change them: OneCycleLR and
+# CyclicLR cycle the momentum too): a plan keys only whether each is zero (a momentum buffer, a
+# weight-decay term), and check_scheduled repeats their range checks at every step.
+_LAUNCH_READ = ("lr", "momentum", "weight_decay")
+
+
 def _hparams_key(group: dict[str, Any]) -> tuple:
-    """A group's hyperparameters as the plan saw them: a float lr is left out (the launch reads it)."""
-    return tuple((k, id(v) if isinstance(v, torch.Tensor) else v) for k, v in group.items()
-                 if k != "params" and not (k == "lr" and not isinstance(v, torch.Tensor)))
+    """A group's hyperparameters as the plan saw them."""
+    return tuple((k, id(v) if isinstance(v, torch.Tensor) else (v != 0.0) if k in _LAUNCH_READ else v)
+                 for k, v in group.items() if k != "params")
 
 
 class StepPlan:
@@ -392,6 +399,7 @@ class StepPlan:
         self.storage = _storage(self.params, self.dtensor)
         self.trainable = list(map(_REQUIRES_GRAD, self.params))
         self.absent = [p.grad is None for p in self.params]
+        self.state = opt.state  # replaced wholesale (opt.state = ...), it holds other buffers
         self.held = [(state, key, state[key]) for state in map(opt.state.__getitem__, self.params)
                      for key in ("master", "momentum_buffer") if key in state]
         # the applied perturbations this step changes (all of them at the first step, none later)
@@ -411,7 +419,7 @@ class StepPlan:
 
     def grads(self, opt) -> Optional[list]:
         """This step's grads in param order if the plan still holds, else None."""
-        if len(opt.param_groups) != len(self.param_groups):
+        if len(opt.param_groups) != len(self.param_groups) or opt.state is not self.state:
             return None
         for group, (g0, params0, n0, key0) in zip(opt.param_groups, self.param_groups):
             if group is not g0 or group["params"] is not params0 or len(params0) != n0 or _hparams_key(group) != key0:
@@ -439,9 +447,16 @@ class StepPlan:
             call.grads = grads if idx is None else [grads[i] for i in idx]
 
 
-def check_lr(group: dict[str, Any]) -> None:
-    """A float lr's range: the part of FSGLD's validator (`_check_hparams`) that a cached plan
-    repeats at every step, since a schedule may change it."""
-    lr = group["lr"]
-    if not isinstance(lr, torch.Tensor) and not 0.0 <= lr < math.inf:
+def check_scheduled(group: dict[str, Any]) -> None:
+    """The ranges of the float hyperparameters the launch reads (_LAUNCH_READ): the part of FSGLD's
+    validator (`_check_hparams`) that a cached plan repeats at every step, since a schedule may
+    change them."""
+    lr = group["lr"]  # lr = 0: no update, no Langevin noise
+    # A tensor lr is read on the device (no host sync to check it); compiled, a float lr is a graph
+    # input that comparing would specialise the graph on; `required` is the groups' to supply.
+    if (not isinstance(lr, torch.Tensor) and lr is not required and not torch.compiler.is_compiling()
+            and not 0.0 <= lr < math.inf):
         raise ValueError(f"Invalid learning rate: {lr!r} (need a finite float >= 0)")
+    for key in ("weight_decay", "momentum"):
+        if not 0.0 <= group[key] < math.inf:
+            raise ValueError(f"Invalid {key}: {group[key]!r} (need a finite value >= 0)")

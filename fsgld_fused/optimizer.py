@@ -88,10 +88,7 @@ def _check_hparams(group: dict[str, Any], capturable: bool = False) -> None:
         # is not range-checked here (that would be a host sync).
         if not capturable or lr.numel() != 1 or lr.dtype != torch.float32:
             raise ValueError("a Tensor lr needs capturable=True and a one-element float32 tensor")
-    elif torch.compiler.is_compiling():
-        pass  # a compiled step takes a float lr as a graph input: comparing it would specialise the graph on it
-    elif lr is not required:  # lr = 0: no update, no Langevin noise
-        _plan.check_lr(group)
+    _plan.check_scheduled(group)  # a float lr, weight_decay, momentum: also checked at every step
     if beta is not required and not beta > 0.0:  # also refuses NaN; beta = inf is noise-free
         raise ValueError(f"Invalid beta: {beta!r} (need beta > 0; it is the inverse temperature)")
     if sigma is None:
@@ -102,9 +99,6 @@ def _check_hparams(group: dict[str, Any], capturable: bool = False) -> None:
             )
     elif not 0.0 <= sigma < math.inf:
         raise ValueError(f"Invalid sigma: {sigma!r} (need a finite value >= 0)")
-    for key in ("weight_decay", "momentum"):
-        if not 0.0 <= group[key] < math.inf:
-            raise ValueError(f"Invalid {key}: {group[key]!r} (need a finite value >= 0)")
     for key in ("perturb_ahead", "master_weights", "maximize"):
         if not isinstance(group[key], bool):
             raise ValueError(f"{key} must be a bool, got {group[key]!r}")

@@ -56,6 +56,23 @@ def _beta(m, o):
     o.param_groups[0]["beta"] = 1e4
 
 
+def _momentum(m, o):
+    o.param_groups[0]["momentum"] = 0.9  # read at launch: the plan is kept
+
+
+def _momentum_off(m, o):
+    o.param_groups[1]["momentum"] = 0.0  # no buffer read or written any more
+
+
+def _weight_decay(m, o):
+    o.param_groups[0]["weight_decay"] = 1e-2
+
+
+def _state_replaced(m, o):
+    o.state = type(o.state)(dict, {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+                                   for p, s in o.state.items()})
+
+
 def _add_group(m, o):
     o.add_param_group({"params": m[2].parameters(), "momentum": 0.0})
 
@@ -99,7 +116,8 @@ def _load(m, o):
     o.load_state_dict({**state, "state": loaded})
 
 
-ROUTES = {"lr": _lr, "beta": _beta, "add_param_group": _add_group, "freeze": _freeze, "unfreeze": _unfreeze,
+ROUTES = {"lr": _lr, "beta": _beta, "momentum": _momentum, "momentum off": _momentum_off,
+          "weight_decay": _weight_decay, "state replaced": _state_replaced, "add_param_group": _add_group, "freeze": _freeze, "unfreeze": _unfreeze,
           "to bf16": _to_bf16, "p.data =": _data, "p.data = p.data.t()": _transpose,
           "in place, strided": _in_place, "perturbation": _perturbation, "master_weights": _masters,
           "restore": lambda m, o: o.restore(), "unperturbed": lambda m, o: o.unperturbed().__enter__(),
@@ -133,6 +151,12 @@ def test_a_cached_plan_follows_every_change(route):
         for p, q in zip(model.parameters(), fresh_model.parameters()):
             assert p.dtype == q.dtype and torch.equal(p, q), f"{route}: step {k} differs from a fresh optimizer"
         assert opt.step_count == fresh.step_count
+        if route == "master_weights":  # the fresh one's load_state_dict cast the fp32 buffer to bf16
+            continue
+        for p, q in zip(model.parameters(), fresh_model.parameters()):  # and so does the state it holds
+            s, t = opt.state.get(p, {}), fresh.state.get(q, {})
+            assert s.keys() == t.keys() and all(torch.equal(s[k], t[k]) if torch.is_tensor(s[k]) else s[k] == t[k]
+                                                for k in s), f"{route}: step {k} state differs"
 
 
 def test_the_plan_is_reused_in_steady_state():
@@ -152,6 +176,30 @@ def test_the_plan_is_reused_in_steady_state():
     _backward(model, x)
     with pytest.raises(ValueError, match="Invalid learning rate"):  # still checked at every step
         opt.step()
+
+
+@pytest.mark.parametrize("name", ["momentum", "weight_decay"])
+def test_a_momentum_cycling_schedule_keeps_the_plan(name):
+    """OneCycleLR cycles the momentum with the lr at every step: both are read at launch, so the
+    plan is built once; a bad value set by hand is still refused at the next step, changing nothing."""
+    model = _model()
+    opt = FSGLD(model.parameters(), **HP)
+    x = torch.randn(5, 4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10, cycle_momentum=True)
+    plans, momenta = [], []
+    for _ in range(5):
+        _backward(model, x)
+        opt.step()
+        sched.step()
+        plans.append(opt._cache["plan"])
+        momenta.append(opt.param_groups[0]["momentum"])
+    assert len(set(momenta)) == 5 and plans[1] is not None and all(p is plans[1] for p in plans[1:])
+    opt.param_groups[0][name] = -0.5
+    _backward(model, x)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=f"Invalid {name}"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
 def test_closure_and_train_steps_reuse_the_plan():
