@@ -205,7 +205,7 @@ __device__ __forceinline__ c10::BFloat16 round_stochastic(float x, const uint32_
 // kAheadSigns). rbits: the block's two rounding words (read only with kStochastic).
 template <typename S, typename B, unsigned kFlags>
 __device__ __forceinline__ void step_block(S* p, const S* g, B* buf, float* master, int64_t i0, uint32_t blk_lo,
-                                           uint32_t blk_hi, bool vec, int lo, int hi, const Stream& s_eps,
+                                           uint32_t blk_hi, bool vec, bool whole, int lo, int hi, const Stream& s_eps,
                                            const Stream& s_xi, const Stream& s_next, uint32_t signs_k,
                                            uint32_t signs_n, const uint32_t rbits[2], const StepCoeffs<float>& c) {
   constexpr bool restore = kFlags & kRestore, noise = kFlags & kNoise, ahead = kFlags & kAhead;
@@ -236,7 +236,7 @@ __device__ __forceinline__ void step_block(S* p, const S* g, B* buf, float* mast
   // unaligned storage take unpredicated scalars; only a block straddling an end checks lanes)
   if (vec) {
     load_all(true, 0, 4);
-  } else if (lo == 0 && hi == 4) {
+  } else if (whole) {
     load_all(false, 0, 4);
   } else {
     load_all(false, lo, hi);
@@ -263,7 +263,7 @@ __device__ __forceinline__ void step_block(S* p, const S* g, B* buf, float* mast
   };
   if (vec) {
     store_all(true, 0, 4);
-  } else if (lo == 0 && hi == 4) {
+  } else if (whole) {
     store_all(false, 0, 4);
   } else {
     store_all(false, lo, hi);
@@ -330,7 +330,7 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const __grid_const
       const uint32_t signs_n = ahead_signs ? sign_nibble(warp_sign_word(mine_n, s_next, r0, lane, warp, it), blk) : 0u;
       if (stochastic && it % 2 == 0) pair_rounding_words(s_xi, kRoundStep, blk, lane, rbits[0], rbits[1]);
       step_block<S, B, kFlags>(pt, gt, bt, mt, (int64_t)(4 * kThreads * it), blk_lo + (uint32_t)(it * kThreads),
-                               blk_hi, true, 0, 4, s_eps, s_xi, s_next, signs_k, signs_n, rbits[it % 2], c);
+                               blk_hi, true, true, 0, 4, s_eps, s_xi, s_next, signs_k, signs_n, rbits[it % 2], c);
     }
     return;
   }
@@ -340,7 +340,7 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const __grid_const
   // accesses (vector if aligned, else four unpredicated scalars) at 32-bit offsets from per-thread
   // base pointers, as the interior; only a block straddling an end checks its lanes. Signs come
   // from the same lane words, and so do the rounding bits (every lane takes part in the
-  // shuffles, so a lane outside the tensor skips its block instead of leaving).
+  // shuffles, so a lane outside the tensor runs its block with no lane loaded or stored).
   const int64_t start = chunk_first * 4 - off;  // local index of the chunk's element 0 (>= -127)
   // this thread's first element is chunk element 4 threadIdx.x: its lanes inside are [lo_t, hi_t)
   int lo_t = (start < 0 ? (int)-start : 0) - 4 * (int)threadIdx.x;
@@ -364,12 +364,14 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const __grid_const
     if (stochastic && it % 2 == 0) pair_rounding_words(s_xi, kRoundStep, blk, lane, rbits[0], rbits[1]);
     const int lo_it = lo_t - 4 * kThreads * it, hi_it = hi_t - 4 * kThreads * it;
     const int lo = lo_it > 0 ? lo_it : 0, hi = hi_it < 4 ? hi_it : 4;  // lanes [lo, hi) inside
-    if (lo >= hi) {
-      if (lockstep) continue;  // a sign or rounding chunk's first blocks may precede the tensor
-      break;
-    }
+    // a lockstep block outside the tensor (a sign or rounding chunk's first blocks may precede it)
+    // runs with no lane loaded or stored, and `whole` is one test for the load and the store
+    // dispatch, no skip branch (sm_90 fp32 Rademacher tail 58.1 -> 56.2, unaligned 61.9 -> 59.4
+    // instructions per element; Gaussian 112.0 -> 111.2, 115.8 -> 114.4)
+    if (!lockstep && lo >= hi) break;
+    const bool whole = lo_it <= 0 && hi_it >= 4;
     step_block<S, B, kFlags>(pt, gt, bt, mt, (int64_t)(4 * kThreads * it), (uint32_t)blk, (uint32_t)(blk >> 32),
-                             aligned && lo == 0 && hi == 4, lo, hi, s_eps, s_xi, s_next, signs_k, signs_n,
+                             aligned && whole, whole, lo, hi, s_eps, s_xi, s_next, signs_k, signs_n,
                              rbits[it % 2], c);
   }
 }

@@ -27,8 +27,8 @@ CUDA_MUST, TRITON_MUST, RADEMACHER_MUST = 105, 110, 60
 # issue 26's target is 10
 CUDA_SR_OVER_FP32, TRITON_SR_OVER_FP32, SR_TARGET_OVER_FP32 = 26, 29.5, 10
 # tail (edge chunk of an aligned tensor) and unaligned paths over the interior, per backend
-# (measured: CUDA 1.08 / 1.12 Gaussian, 1.13 / 1.20 Rademacher; Triton 1.12, 1.22)
-EDGE_RATIO = {("cuda", "gaussian-full"): 1.12, ("cuda", "rademacher-full"): 1.21,
+# (measured: CUDA 1.07 / 1.10 Gaussian, 1.09 / 1.148 Rademacher; Triton 1.12, 1.22)
+EDGE_RATIO = {("cuda", "gaussian-full"): 1.11, ("cuda", "rademacher-full"): 1.15,
               ("triton", "gaussian-full"): 1.13, ("triton", "rademacher-full"): 1.22}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
