@@ -248,11 +248,11 @@ def _round_bf16_stochastic(x, r, SOFT_BF16: tl.constexpr):
     16 bits r added below bf16's last bit, then truncated; a non-finite x, or a finite x that would
     become infinite, rounds to nearest. The truncated sum is a bf16 value, so one conversion to
     nearest writes either (and a NaN as the nearest store does)."""
-    u = x.to(tl.uint32, bitcast=True)
-    # |x| + r reaches the all-ones exponent iff x is not finite or its rounded magnitude would be
-    # (tested on the float result instead, with x != x for a NaN: +1 instruction per element)
-    nearest = ((u & 0x7FFFFFFF) + r) >= 0x7F800000
-    y = tl.where(nearest, x, ((u + r) & 0xFFFF0000).to(tl.float32, bitcast=True))
+    y = ((x.to(tl.uint32, bitcast=True) + r) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    # y is not finite iff x is inf or its rounded magnitude would be, or x is a NaN that did not carry
+    # into the sign (x != x for all of them): two float tests on the result instead of an integer
+    # range test on |x| + r (sm_90 bf16 stochastic Gaussian full step B512: 127.9 -> 127.2)
+    y = tl.where((tl.abs(y) < float("inf")) & (x == x), y, x)
     return _round_to(y, tl.bfloat16, SOFT_BF16)
 
 
@@ -261,13 +261,15 @@ def _compensated_noise_std(theta, noise_std):
     """sqrt(max(0, noise_std**2 - ulp(theta)**2 / 6)) per element, rounded as the reference's
     compensated_noise_std: ulp = 2**(e - 7) from theta's exponent bits (a zero exponent gives 0
     where the reference has 2**-133, whose square is 0 in float32 either way)."""
-    # (ulp * ulp) * float32(1 / 6) as (p * p) * (2**-14 * float32(1 / 6)), p = 2**e = 2**7 ulp: one
-    # rounding of the same value, 0 where either underflows (p * p is exact from 2**-149 up); -1 FMUL
+    # (ulp * ulp) * float32(1 / 6) as (p * p) * (2**-14 * float32(1 / 6)), p = 2**e = 2**7 ulp, and the
+    # subtraction in the same FMA (csrc/fsgld_math.h's GPU form: the std within an ulp of the
+    # reference's, inside the noisy tolerance; 0 where the std is 0)
     p = (theta.to(tl.uint32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
-    v = noise_std * noise_std - p * p * 1.0172526344831567e-05
-    # sqrt's fast path (correctly rounded for normal v; tl.sqrt_rn's slow-path CALL sits on a
-    # lane-divergent branch); a v below the normals (std < 2**-63) gives 0
-    return tl.where(v >= 1.1754943508222875e-38, _sqrt_box_muller(v), 0.0)
+    v = tl.fma(p * p, -1.0172526344831567e-05, noise_std * noise_std)
+    # tl.sqrt: sqrt.approx (one MUFU.SQRT), as the CUDA kernel: the std scales a normal accurate to
+    # NOISE_ATOL only (sm_90 bf16 stochastic Gaussian full step B512: 131.6 -> 127.9 instructions per
+    # element with the FMA)
+    return tl.sqrt(tl.maximum(v, 0.0))
 
 
 @triton.jit

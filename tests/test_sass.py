@@ -23,9 +23,9 @@ from fsgld_fused import sass
 
 CUDA_MUST, TRITON_MUST, RADEMACHER_MUST = 105, 110, 60
 # SPEC 2c, the bf16 Gaussian full step rounded stochastically, over the fp32 row at the same config:
-# held at the measured values (CUDA 128.7 - 103.7; Triton 26.4 / 27.2 / 29.0 at B512 / B1024 / B2048);
+# held at the measured values (CUDA 126.0 - 103.7; Triton 22.0 / 22.6 / 23.9 at B512 / B1024 / B2048);
 # issue 26's target is 10
-CUDA_SR_OVER_FP32, TRITON_SR_OVER_FP32, SR_TARGET_OVER_FP32 = 26, 29.5, 10
+CUDA_SR_OVER_FP32, TRITON_SR_OVER_FP32, SR_TARGET_OVER_FP32 = 23, 24.5, 10
 # tail (edge chunk of an aligned tensor) and unaligned paths over the interior, per backend
 # (measured: CUDA 1.07 / 1.10 Gaussian, 1.09 / 1.148 Rademacher; Triton 1.12, 1.22)
 EDGE_RATIO = {("cuda", "gaussian-full"): 1.11, ("cuda", "rademacher-full"): 1.15,
@@ -132,9 +132,11 @@ def test_cuda_bf16_stochastic_rounding_counted(cuda):
     assert sr["instructions_per_element"] <= fp32["instructions_per_element"] + CUDA_SR_OVER_FP32, (sr, fp32)
 
 
-# sm_90: 128.7 against 103.7 + 10. Over bf16 nearest (107.7 before the edge-path change): int-mul +2.6 (a Philox call per 8 elements),
-# alu +10.5, fp32 +8.2, mufu +1.0 (rounding, compensated std); a shared per-exponent std table measured 125.2
-@pytest.mark.xfail(strict=True, reason="issue 26 target not met yet: 128.7 instructions per element")
+# sm_90: 126.0 against 103.7 + 10. bf16 itself costs 2.8 (unpacking and packing the words); over bf16
+# nearest: int-mul +2.4 and most of alu +9.7 are the Philox call per 8 elements that SPEC 2c fixes (5),
+# fp32 +6.0 and mufu +1.0 the compensated std (mask, square, FMA, max, sqrt, its product) and the
+# rounding's special cases; a shared per-exponent std table measured 125.2 before the FMA form
+@pytest.mark.xfail(strict=True, reason="issue 26 target not met: 126.0 instructions per element")
 def test_cuda_bf16_stochastic_rounding_within_issue_26_budget(cuda):
     (fp32,) = _rows(cuda, "cuda", "gaussian-full")
     (sr,) = _rows(cuda, "cuda", "gaussian-full", dtype="bfloat16", stochastic=True)
@@ -155,13 +157,13 @@ def test_triton_default_step_within_budget_at_every_launcher_config(triton):
 
 def test_triton_stochastic_rounding_step_within_budget(triton_gaussian):
     """SPEC 2c's bf16 step at every launcher config: what it adds to rounding to nearest is drawn
-    (one Philox per 8 elements: 2.5 multiplies per element; the compensated std's rsqrt: one per
+    (one Philox per 8 elements: 2.5 multiplies per element; the compensated std's sqrt: one per
     element), and the whole stays within TRITON_SR_OVER_FP32 of the fp32 step, without spills."""
     for fp32, nearest, sr in _sr_rows(triton_gaussian):
         assert sr["instructions_per_element"] > nearest["instructions_per_element"], (sr, nearest)
         assert sr["instructions_per_element"] <= fp32["instructions_per_element"] + TRITON_SR_OVER_FP32, (sr, fp32)
         extra = {c: sr["by_class_per_element"][c] - nearest["by_class_per_element"][c] for c in ("int-mul", "mufu")}
-        assert abs(extra["int-mul"] - 2.5) <= 0.5, extra  # a Philox per 4 elements would add 5
+        assert abs(extra["int-mul"] - 2.5) <= 0.75, extra  # a Philox per 4 elements would add 5 (B512: 3.0)
         assert extra["mufu"] == 1.0, extra
         assert sr["spill_bytes"] == 0 and sr["divergent_branches"] == 0, sr
         # the same accesses (no shared-memory exchange of the rounding words): the same global bytes, and
@@ -171,7 +173,7 @@ def test_triton_stochastic_rounding_step_within_budget(triton_gaussian):
         assert sr["by_class_per_element"]["memory"] <= nearest["by_class_per_element"]["memory"] + 0.5, (sr, nearest)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 26: the Triton bf16 stochastic step is 26-29 over fp32, not 10")
+@pytest.mark.xfail(strict=True, reason="issue 26: the Triton bf16 stochastic step is 22-24 over fp32, not 10")
 def test_triton_stochastic_rounding_step_meets_issue_26_target(triton_gaussian):
     for fp32, _, sr in _sr_rows(triton_gaussian):
         assert sr["instructions_per_element"] <= fp32["instructions_per_element"] + SR_TARGET_OVER_FP32, (sr, fp32)

@@ -494,3 +494,46 @@ def test_a_checkpoint_from_before_the_option_resumes_rounding_to_nearest():
                     backend="reference", rounding="nearest")
     current.load_state_dict(copy.deepcopy(opt.state_dict()))  # saved with the option: its value stands
     assert current.param_groups[0]["rounding"] == "stochastic"
+
+
+# float32 bit patterns where a rounding by bit arithmetic goes wrong: NaNs whose payload carries
+# into the sign (0x7fffffff is the GPU's canonical NaN) or past 2**32, the top of the finite range
+SPECIAL_BITS = [0x7FFFFFFF, 0xFFFFFFFF, 0x7FFF0001, 0x7F800001, 0xFF800001, 0x7FC00000, 0x7F800000, 0xFF800000,
+                0x7F7FFFFF, 0x7F7F8000, 0x7F7F7FFF, 0xFF7F7FFF, 0x7F7F0001, 0x00000001, 0x80000000, 0x3F800001]
+
+
+try:
+    import triton
+    import triton.language as tl
+
+    from fsgld_fused.kernels import triton_ops as TK
+except ImportError:
+    TK = None
+
+if TK is not None:
+
+    @triton.jit
+    def _rounding_kernel(x_ptr, r_ptr, out_ptr, N: tl.constexpr):
+        i = tl.arange(0, N)
+        tl.store(out_ptr + i, TK._round_bf16_stochastic(tl.load(x_ptr + i), tl.load(r_ptr + i), True))
+
+
+@pytest.mark.skipif(TK is None or not TK.INTERPRET, reason="needs Triton, run in the interpreter (TRITON_INTERPRET=1)")
+def test_triton_rounding_of_special_bit_patterns():
+    """The Triton rounding on each pattern with r at the edges of its range equals the reference's
+    (a NaN as a NaN): the interpreter's arithmetic keeps bf16 inputs' NaN payloads below 2**16,
+    so a kernel step never feeds it the carrying NaNs a GPU makes."""
+    rs = [0, 1, 0x7FFF, 0x8000, 0xFFFF]
+    bits = torch.tensor([b for b in SPECIAL_BITS for _ in rs], dtype=torch.int64)
+    r = torch.tensor(rs * len(SPECIAL_BITS), dtype=torch.int64)
+    x = bits.to(torch.int32).view(torch.float32)  # two's complement wrap of the high patterns
+    n = 1 << (len(x) - 1).bit_length()
+    xs, rr = torch.zeros(n), torch.zeros(n, dtype=torch.int32)
+    xs[: len(x)], rr[: len(x)] = x, r.to(torch.int32)
+    out = torch.empty(n, dtype=torch.bfloat16)
+    _rounding_kernel[(1,)](xs, rr.view(torch.uint32), out, N=n)
+    want = R.round_bf16_stochastic(x, r)
+    got = out[: len(x)]
+    assert torch.equal(got.isnan(), want.isnan()), (bits[got.isnan() != want.isnan()], r[got.isnan() != want.isnan()])
+    same = ~want.isnan()
+    assert torch.equal(got[same].view(torch.int16), want[same].view(torch.int16))
