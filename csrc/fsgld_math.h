@@ -286,10 +286,11 @@ FSGLD_HD uint16_t bf16_bits_stochastic(float x, uint32_t r) {
   const bool special = !(fabsf(bits_to_float(s)) < INFINITY) || x != x;
   const uint16_t nearest = bf16_bits_nearest(x);  // a select, not a lane-divergent branch on the GPU
   return special ? nearest : (uint16_t)(s >> 16);
-#else  // one integer range test, which the CPU loop vectorizes (the form the perf figures above measured)
+#else  // one integer range test and selects, which the CPU loop vectorizes (an early return is
+       // control flow GCC's vectorizer refuses)
   const uint32_t u = float_to_bits(x);
-  if ((u & 0x7FFFFFFFu) + r >= 0x7F800000u) return x != x ? 0x7FC0u : (uint16_t)((u + 0x8000u) >> 16);
-  return (uint16_t)((u + r) >> 16);
+  const uint32_t nearest = x != x ? 0x7FC0u : (u + 0x8000u) >> 16;
+  return (uint16_t)((u & 0x7FFFFFFFu) + r >= 0x7F800000u ? nearest : (u + r) >> 16);
 #endif
 }
 
