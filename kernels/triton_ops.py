@@ -286,9 +286,9 @@ def _load_clean(p_ptr, master_addr, t, idx, mask, HAS_MASTER: tl.constexpr):
 def _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr, BLOCK: tl.constexpr,
            SIGNS: tl.constexpr, PAIRS: tl.constexpr):
     """This program's tensor, its first Philox block, its rows (from the first: _program_rows) and
-    their Philox blocks, local element indices [BLOCK, 4] and mask. With SIGNS the tensor's chunks
-    start at a Rademacher block (128 elements), with PAIRS at a rounding block (8), instead of a
-    Philox block (4; _table)."""
+    their Philox blocks, local element indices [BLOCK, 4] and mask, and its chunk's index in the
+    tensor. With SIGNS the tensor's chunks start at a Rademacher block (128 elements), with PAIRS at
+    a rounding block (8), instead of a Philox block (4; _table)."""
     prog = tl.program_id(0)
     t = tl.load(chunk_tensor_ptr + prog)
     ch = tl.load(chunk_index_ptr + prog).to(tl.int64)
@@ -305,7 +305,7 @@ def _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr, BL
     blk = blk0 + rows.to(tl.int64)
     idx = blk[:, None] * 4 + tl.arange(0, 4)[None, :].to(tl.int64) - off
     mask = (idx >= 0) & (idx < n)
-    return t, blk0, rows, blk, idx, mask, pid
+    return t, blk0, rows, blk, idx, mask, pid, ch
 
 
 @triton.jit(do_not_specialize=["seed", "step"])
@@ -339,8 +339,8 @@ def _fused_step_kernel(
     SIGNS: tl.constexpr = (RESTORE and RESTORE_SIGNS) or (AHEAD and AHEAD_SIGNS)  # rows as in _sign_rows
     PAIRS: tl.constexpr = STOCHASTIC and not SIGNS  # rows as in _pair_rows
     # the elements are addressed from the program's first one below (interior and edges alike)
-    t, blk0, rows, blk, _, _, pid = _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr,
-                                           BLOCK, SIGNS, PAIRS)
+    t, blk0, rows, blk, _, _, pid, ch = _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr,
+                                               pid_ptr, BLOCK, SIGNS, PAIRS)
     # The three streams first (unused ones are zeros the compiler drops), then the memory: each
     # already times its scale (sigma_k, noise_std, sigma_{k+1}; signs as sigma * eps, SPEC 2b).
     e_k = tl.zeros((BLOCK, 4), tl.float32)
@@ -386,21 +386,36 @@ def _fused_step_kernel(
         inside = first + 4 * BLOCK <= n
     if ((off & 3) == 0) & inside & (((p_addr | g_addr | b_addr | m_addr) & 15) == 0):
         loc = rows[:, None] * 4 + tl.arange(0, 4)[None, :]
-        _step_elements(_aligned(p_addr, first, loc, P_DTYPE), _aligned(g_addr, first, loc, P_DTYPE),
-                       _aligned(b_addr, first, loc, B_DTYPE), _aligned(m_addr, first, loc, tl.float32), 0, loc,
+        p_ptr, g_ptr = _aligned(p_addr, first, loc, P_DTYPE), _aligned(g_addr, first, loc, P_DTYPE)
+        b_ptr, m_ptr = _aligned(b_addr, first, loc, B_DTYPE), _aligned(m_addr, first, loc, tl.float32)
+        _step_elements(p_ptr, g_ptr, b_ptr, m_ptr, p_ptr, b_ptr, m_ptr, None,
                        e_k, xi, e_n, rbits, lr, weight_decay, momentum, noise_std, restore_sigma, perturb_sigma,
                        inv_scale, P_DTYPE, B_DTYPE, P_SOFT, B_SOFT, HAS_MASTER, HAS_MOMENTUM, HAS_SCALE, RESTORE,
                        NOISE, AHEAD, WEIGHT_DECAY, RESTORE_SIGNS, AHEAD_SIGNS, STOCHASTIC, False)
     else:
-        # Edges: 32-bit offsets from the program's element 0 (local index `start`, negative where
-        # the program begins before the tensor) and two 32-bit compares per element.
+        # Edges: the elements lo <= loc < hi of the program's 4 * BLOCK (element 0 at local index
+        # `start`, negative where the program begins before the tensor). With q = loc - lo the store's
+        # mask is one unsigned compare, and q clamped to the last element is a load address inside the
+        # tensor, so the loads need no mask (no predicate kept, no zeroing). lo and hi in 32 bits: only
+        # chunk 0 starts before its tensor, by under 128 elements.
         start = blk0 * 4 - off
-        lo = tl.maximum(-start, 0).to(tl.int32)
-        hi = tl.minimum(n - start, 4 * BLOCK).to(tl.int32)
+        lo = tl.where(ch == 0, -start.to(tl.int32), 0)
+        hi = tl.where(start + 4 * BLOCK <= n, 4 * BLOCK, (n - start).to(tl.int32))
         loc = rows[:, None] * 4 + tl.arange(0, 4)[None, :]
-        _step_elements(p_addr.to(tl.pointer_type(P_DTYPE)) + start, g_addr.to(tl.pointer_type(P_DTYPE)) + start,
-                       b_addr.to(tl.pointer_type(B_DTYPE)) + start, m_addr.to(tl.pointer_type(tl.float32)) + start,
-                       loc, (loc >= lo) & (loc < hi),
+        q = (loc - lo).to(tl.uint32)
+        width = (hi - lo).to(tl.uint32)
+        qc = tl.minimum(q, width - 1).to(tl.int32)
+        # The stores' pointers carry _aligned's hint even where rows are not 16-byte aligned: it only
+        # keeps the compute layout at the store (no shuffle through shared memory), as the element
+        # mask makes every access scalar; test_sass checks that the edge path has no vector access.
+        # (sm_90 fp32 Rademacher full step B512, unaligned: 67.5 -> 62.4 instructions per element,
+        # 1.215x -> 1.150x the interior; Gaussian 118.2 -> 113.0, 1.12x -> 1.09x)
+        at = start + lo  # element lo, where q counts from
+        _step_elements(p_addr.to(tl.pointer_type(P_DTYPE)) + at + qc, g_addr.to(tl.pointer_type(P_DTYPE)) + at + qc,
+                       b_addr.to(tl.pointer_type(B_DTYPE)) + at + qc,
+                       m_addr.to(tl.pointer_type(tl.float32)) + at + qc,
+                       _aligned(p_addr, start, loc, P_DTYPE), _aligned(b_addr, start, loc, B_DTYPE),
+                       _aligned(m_addr, start, loc, tl.float32), q < width,
                        e_k, xi, e_n, rbits, lr, weight_decay, momentum, noise_std, restore_sigma, perturb_sigma,
                        inv_scale, P_DTYPE, B_DTYPE, P_SOFT, B_SOFT, HAS_MASTER, HAS_MOMENTUM, HAS_SCALE, RESTORE,
                        NOISE, AHEAD, WEIGHT_DECAY, RESTORE_SIGNS, AHEAD_SIGNS, STOCHASTIC, True)
@@ -417,49 +432,42 @@ def _aligned(addr, first, loc, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _step_elements(p_ptr, g_ptr, b_ptr, m_ptr, idx, mask, e_k, xi, e_n, rbits, lr, weight_decay, momentum,
-                   noise_std, restore_sigma, perturb_sigma, inv_scale, P_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr,
-                   P_SOFT: tl.constexpr, B_SOFT: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
-                   HAS_SCALE: tl.constexpr, RESTORE: tl.constexpr, NOISE: tl.constexpr, AHEAD: tl.constexpr,
-                   WEIGHT_DECAY: tl.constexpr, RESTORE_SIGNS: tl.constexpr, AHEAD_SIGNS: tl.constexpr,
-                   STOCHASTIC: tl.constexpr, MASKED: tl.constexpr):
-    """SPEC section 3 on the elements idx of one program (masked at the tensor's edges)."""
+def _step_elements(p_load, g_load, b_load, m_load, p_ptr, b_ptr, m_ptr, mask, e_k, xi, e_n, rbits, lr, weight_decay,
+                   momentum, noise_std, restore_sigma, perturb_sigma, inv_scale, P_DTYPE: tl.constexpr,
+                   B_DTYPE: tl.constexpr, P_SOFT: tl.constexpr, B_SOFT: tl.constexpr, HAS_MASTER: tl.constexpr,
+                   HAS_MOMENTUM: tl.constexpr, HAS_SCALE: tl.constexpr, RESTORE: tl.constexpr, NOISE: tl.constexpr,
+                   AHEAD: tl.constexpr, WEIGHT_DECAY: tl.constexpr, RESTORE_SIGNS: tl.constexpr,
+                   AHEAD_SIGNS: tl.constexpr, STOCHASTIC: tl.constexpr, MASKED: tl.constexpr):
+    """SPEC section 3 on the elements of one program: loaded from the *_load pointers (always inside
+    the tensor), stored to p_ptr, b_ptr, m_ptr where `mask` holds (MASKED: at the tensor's edges)."""
     if HAS_MASTER:
-        theta = _load(m_ptr + idx, mask, MASKED)
+        theta = tl.load(m_load)
     else:
-        theta = _load(p_ptr + idx, mask, MASKED).to(tl.float32)
+        theta = tl.load(p_load).to(tl.float32)
     if RESTORE:
         theta = theta - e_k  # sigma_k * eps_k, as drawn
     if STOCHASTIC and NOISE:  # the std from the clean theta; xi was drawn unit
         xi = _compensated_noise_std(theta, noise_std) * xi
-    d = _load(g_ptr + idx, mask, MASKED).to(tl.float32)
+    d = tl.load(g_load).to(tl.float32)
     if HAS_SCALE:
         d = d * inv_scale
     if WEIGHT_DECAY:
         d = d + weight_decay * theta
     if HAS_MOMENTUM:
-        buf = _round_to(momentum * _load(b_ptr + idx, mask, MASKED).to(tl.float32) + d, B_DTYPE, B_SOFT)
-        _store(b_ptr + idx, buf, mask, MASKED)
+        buf = _round_to(momentum * tl.load(b_load).to(tl.float32) + d, B_DTYPE, B_SOFT)
+        _store(b_ptr, buf, mask, MASKED)
         d = buf.to(tl.float32)  # the direction is the buffer as stored
     theta = theta - lr * d
     if NOISE:
         theta = theta + xi  # drawn as noise_std * xi
     if HAS_MASTER:
-        _store(m_ptr + idx, theta, mask, MASKED)
+        _store(m_ptr, theta, mask, MASKED)
     if AHEAD:
         theta = theta + e_n
     if STOCHASTIC:
-        _store(p_ptr + idx, _round_bf16_stochastic(theta, rbits, P_SOFT), mask, MASKED)
+        _store(p_ptr, _round_bf16_stochastic(theta, rbits, P_SOFT), mask, MASKED)
     else:
-        _store(p_ptr + idx, _round_to(theta, P_DTYPE, P_SOFT), mask, MASKED)
-
-
-@triton.jit
-def _load(ptr, mask, MASKED: tl.constexpr):
-    if MASKED:
-        return tl.load(ptr, mask=mask, other=0.0)
-    else:
-        return tl.load(ptr)
+        _store(p_ptr, _round_to(theta, P_DTYPE, P_SOFT), mask, MASKED)
 
 
 @triton.jit
@@ -480,7 +488,7 @@ def _perturb_kernel(
         step = tl.load(step_ptr)
     sigma = tl.cast(sigma, tl.float32)  # fp64 under Inductor, fp32 in eager
     PAIRS: tl.constexpr = STOCHASTIC and not SIGNS
-    t, blk0, rows, blk, idx, mask, pid = _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr,
+    t, blk0, rows, blk, idx, mask, pid, _ = _chunk(chunk_tensor_ptr, chunk_index_ptr, numel_ptr, offset_ptr, pid_ptr,
                                                 BLOCK, SIGNS, PAIRS)
     if SIGNS:
         pert = _sigma_signs(sigma, seed, blk0, step, pid * 2, BLOCK)
@@ -521,8 +529,10 @@ def _words_kernel(out_ptr, nblocks, first, seed, step, tag, BLOCK: tl.constexpr)
 # takes the smallest block; on a GPU `_tuned_block` times the candidates once per (device, dtype,
 # size class) on scratch tensors, outside CUDA-graph capture, and remembers the choice on disk.
 # (256, 4) left out: 118.4 instructions per element in the default fp32 Gaussian step (sm_90 SASS,
-# 8 elements per thread), over the 110 the H200 floor allows; 512-2048 count 106-109.
-_CONFIGS = ((512, 4), (1024, 8), (2048, 8))
+# 8 elements per thread), over the 110 the H200 floor allows. (2048, 8) left out: at 32 elements per
+# thread ptxas parks half the edge masks in registers (P2R), and its unaligned Rademacher step costs
+# 1.168x its interior, over issue 25's 1.15x ((2048, 16) 1.157x; these two 1.150x).
+_CONFIGS = ((512, 4), (1024, 8))
 # Under CUDA-graph capture before any tuning (nothing may be timed then): a mid-sized config.
 _DEFAULT_CONFIG = (512, 4)
 # The largest scratch the tuning times on: 2 x 64 MB in fp32, past the L2 of an H100/H200 (50/60 MB),

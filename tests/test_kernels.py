@@ -117,6 +117,61 @@ def test_fused_step(backend, dtype, momentum, scaled):
             a.copy_(b)
 
 
+def _guarded(sizes, dtype, guard=5, fill=None):
+    """Tensors of `sizes` that are views into one buffer, `guard` elements of 1234.5 before, between
+    and after them (so each view starts off a 16-byte boundary), and the buffer itself."""
+    buf = torch.full((sum(sizes) + guard * (len(sizes) + 1),), 1234.5, dtype=dtype)
+    views, at = [], guard
+    for n in sizes:
+        views.append(buf[at:at + n])
+        views[-1].copy_(torch.randn(n) if fill is None else torch.full((n,), fill))
+        at += n + guard
+    return views, buf
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("rademacher", [False, True], ids=["gaussian", "rademacher"])
+@pytest.mark.parametrize("masters", [False, True], ids=["", "masters"])
+def test_edge_chunks_write_only_their_tensors(backend, rademacher, masters):
+    """The edge chunks (a tensor's first chunk at an unaligned offset, its tail, a tensor shorter
+    than a Philox block, one that starts and ends in one chunk) write their own elements and none
+    of the guard elements around them; params, momentum buffers and masters alike."""
+    dtype = torch.bfloat16 if masters else torch.float32
+    if not supported(backend, dtype):
+        pytest.skip(f"{backend} does not take {dtype}")
+    sizes, offsets = [3, 1023, 4099, 130], [0, 131, 2 * 4096 + 6, 2**20 + 125]
+    ids = [1, 2, 3, 4]
+    params, pbuf = _guarded(sizes, dtype)
+    bufs, bbuf = _guarded(sizes, torch.float32 if masters else dtype, fill=0.0)
+    mst, mbuf = _guarded(sizes, torch.float32) if masters else ([], None)
+    for m, p in zip(mst, params):
+        m.copy_(p.float())
+    grads = make(sizes, dtype, 2.0)
+    ref = [p.clone() for p in params]
+    ref_bufs, ref_mst = [b.clone() for b in bufs], [m.clone() for m in mst]
+    for step in range(2):
+        args = (ids, 0xFEEDFACECAFEBEEF, step, 0.01, 1e-2, 0.9, 3e-3, 0.0 if step == 0 else 0.02, 0.02)
+        kw = dict(offsets=offsets, masters=mst, restore_rademacher=rademacher, perturb_rademacher=rademacher)
+        ops(backend, dtype).fused_step_(params, grads, bufs, *args, **kw)
+        R.fused_step_(ref, grads, ref_bufs, *args, **dict(kw, masters=ref_mst))
+        for a, b in zip(params, ref):
+            assert_step_close(a, b, 0.04 + 3e-3)
+        for a, b in zip(mst, ref_mst):
+            assert_step_close(a, b, 0.04 + 3e-3)
+        for a, b in zip(params, ref):  # the same trajectory on both sides
+            a.copy_(b)
+        for a, b in zip(bufs + mst, ref_bufs + ref_mst):
+            a.copy_(b)
+    for whole in (pbuf, bbuf, mbuf):
+        if whole is not None:
+            outside = torch.ones_like(whole, dtype=torch.bool)
+            at = 5
+            for n in sizes:
+                outside[at:at + n] = False
+                at += n + 5
+            assert torch.all(whole[outside] == 1234.5), whole[outside]
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_step_with_fp32_masters(backend, dtype):

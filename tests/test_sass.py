@@ -23,13 +23,14 @@ from fsgld_fused import sass
 
 CUDA_MUST, TRITON_MUST, RADEMACHER_MUST = 105, 110, 60
 # SPEC 2c, the bf16 Gaussian full step rounded stochastically, over the fp32 row at the same config:
-# held at the measured values (CUDA 126.0 - 103.7; Triton 22.0 / 22.6 / 23.9 at B512 / B1024 / B2048);
+# held at the measured values (CUDA 126.0 - 103.7; Triton 22.0 / 22.6 at B512 / B1024, 23.9 at B2048 before
+# it left the configs);
 # issue 26's target is 10
 CUDA_SR_OVER_FP32, TRITON_SR_OVER_FP32, SR_TARGET_OVER_FP32 = 23, 24.5, 10
 # tail (edge chunk of an aligned tensor) and unaligned paths over the interior, per backend
-# (measured: CUDA 1.07 / 1.10 Gaussian, 1.09 / 1.148 Rademacher; Triton 1.12, 1.22)
+# (measured: CUDA 1.07 / 1.10 Gaussian, 1.09 / 1.148 Rademacher; Triton 1.09, 1.150); issue 25 asks 1.15
 EDGE_RATIO = {("cuda", "gaussian-full"): 1.11, ("cuda", "rademacher-full"): 1.15,
-              ("triton", "gaussian-full"): 1.13, ("triton", "rademacher-full"): 1.22}
+              ("triton", "gaussian-full"): 1.10, ("triton", "rademacher-full"): 1.15}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -189,6 +190,8 @@ def test_edge_paths_counted_and_bounded(backend, request):
                 ratio = edge["instructions_per_element"] / interior["instructions_per_element"]
                 # bounds checks and scalar accesses cost something, and not more than the bound
                 assert 1.0 < ratio <= EDGE_RATIO[(backend, variant)], (edge, interior)
+                if backend == "triton":  # its edge stores carry the aligned hint: the masks keep them scalar
+                    assert edge["bytes_128_per_element"] == 0, edge
 
 
 # ---- counting the step a default FSGLD launches ---------------------------------------------------------
