@@ -23,10 +23,10 @@ from fsgld_fused import sass
 
 CUDA_MUST, TRITON_MUST, RADEMACHER_MUST = 105, 110, 60
 # SPEC 2c, the bf16 Gaussian full step rounded stochastically, over the fp32 row at the same config:
-# held at the measured values (CUDA 126.0 - 103.7; Triton 22.0 / 22.6 at B512 / B1024, 23.9 at B2048 before
-# it left the configs);
+# held at the measured values (CUDA 126.0 - 103.7; Triton 21.0 / 20.7 at B512 / B1024, session 9; 22.0 /
+# 22.6 / 23.9 before, with B2048);
 # issue 26's target is 10
-CUDA_SR_OVER_FP32, TRITON_SR_OVER_FP32, SR_TARGET_OVER_FP32 = 23, 24.5, 10
+CUDA_SR_OVER_FP32, TRITON_SR_OVER_FP32, SR_TARGET_OVER_FP32 = 23, 21.5, 10
 # tail (edge chunk of an aligned tensor) and unaligned paths over the interior, per backend
 # (measured: CUDA 1.07 / 1.10 Gaussian, 1.09 / 1.148 Rademacher; Triton 1.09, 1.150); issue 25 asks 1.15
 EDGE_RATIO = {("cuda", "gaussian-full"): 1.11, ("cuda", "rademacher-full"): 1.15,
@@ -174,7 +174,7 @@ def test_triton_stochastic_rounding_step_within_budget(triton_gaussian):
         assert sr["by_class_per_element"]["memory"] <= nearest["by_class_per_element"]["memory"] + 0.5, (sr, nearest)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 26: the Triton bf16 stochastic step is 22-24 over fp32, not 10")
+@pytest.mark.xfail(strict=True, reason="issue 26: the Triton bf16 stochastic step is 21 over fp32, not 10")
 def test_triton_stochastic_rounding_step_meets_issue_26_target(triton_gaussian):
     for fp32, _, sr in _sr_rows(triton_gaussian):
         assert sr["instructions_per_element"] <= fp32["instructions_per_element"] + SR_TARGET_OVER_FP32, (sr, fp32)
